@@ -1,0 +1,64 @@
+"""Checkpoints: a directory with config.json + model.safetensors. Loading never unpickles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from edgekit.errors import EdgekitError
+from edgekit.models import CausalLM, ModelConfig, build
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+
+
+def save_checkpoint(model: CausalLM, directory: Path) -> None:
+    """Write config.json and model.safetensors into an existing directory (use artifact.staging)."""
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    (directory / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=1))
+    save_model(model, str(directory / WEIGHTS))
+
+
+def read_config(directory: Path) -> ModelConfig:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise EdgekitError(f"{directory}: no {CONFIG}", "a checkpoint is a directory with config.json and "
+                           "model.safetensors")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise EdgekitError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_checkpoint(directory: Path, device: str = "cpu") -> CausalLM:
+    """Build the model from config.json and fill it from model.safetensors, strictly."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg = read_config(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise EdgekitError(f"{directory}: no {WEIGHTS}", "save the checkpoint again with edgekit")
+    try:
+        state = load_file(str(weights), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EdgekitError(f"{weights} is corrupt or truncated: {e}", "copy or save it again") from None
+    model = build(cfg, device="meta")
+    expected = model.state_dict()
+    # save_model drops aliases of shared tensors; fill them from the kept name
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise EdgekitError(f"{weights} does not match config.json: missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}", "the weights and the config come from different models")
+    for name, t in state.items():
+        if t.shape != expected[name].shape:
+            raise EdgekitError(f"{weights}: {name} has shape {tuple(t.shape)}, config.json implies "
+                               f"{tuple(expected[name].shape)}",
+                               "the weights and the config come from different models")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(torch.float32).eval()

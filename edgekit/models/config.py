@@ -1,0 +1,111 @@
+"""One config dataclass for both families, and the presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from edgekit.errors import EdgekitError, unknown_name
+from edgekit.tokenizer import VOCAB_SIZE
+
+
+@dataclass
+class ModelConfig:
+    family: str  # "v3" or "r1"
+    name: str = "custom"
+    vocab_size: int = VOCAB_SIZE
+    d_model: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 172
+    max_seq_len: int = 1024  # context length the model is meant for
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    # two-level dynamic relative position encoding (both families)
+    local_window: int = 32  # learned per-head bias for each distance d < local_window
+    n_global_buckets: int = 16  # learned per-head bias over log-spaced distance buckets
+    max_distance: int = 4096  # distances beyond this share the last global bucket
+    # V3: Transformer-XL segment memory = KV cache truncated to memory_len (0 = no truncation)
+    memory_len: int = 0
+    # R1: block-sparse routed attention, parameter sharing, selective activation
+    block_size: int = 16
+    n_unique_blocks: int = 0  # 0 = no sharing (one block per layer)
+    gated_layers: list[int] = field(default_factory=list)  # layers with a skip gate
+    default_threshold: float = 0.5
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def unique_blocks(self) -> int:
+        return self.n_unique_blocks or self.n_layers
+
+    def block_of(self, layer: int) -> int:
+        """R1 reuses blocks cyclically: layer l runs block l % unique_blocks."""
+        return layer % self.unique_blocks
+
+    def validate(self) -> ModelConfig:
+        if self.family not in ("v3", "r1"):
+            raise EdgekitError(f"config: unknown family '{self.family}'", "use 'v3' or 'r1'")
+        if self.d_model % self.n_heads:
+            raise EdgekitError(f"config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.family == "v3" and (self.gated_layers or self.n_unique_blocks):
+            raise EdgekitError("config: V3 has no gates and no parameter sharing")
+        bad = [g for g in self.gated_layers if not 0 <= g < self.n_layers]
+        if bad:
+            raise EdgekitError(f"config: gated layer(s) {bad} outside 0..{self.n_layers - 1}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise EdgekitError(f"config.json: unknown field(s) {unknown}", "is this an edgekit checkpoint?")
+        try:
+            return cls(**d).validate()
+        except TypeError as e:
+            raise EdgekitError(f"config.json: {e}") from None
+
+
+def _r1_gates(n_layers: int) -> list[int]:
+    """Every layer but the first and the last carries a gate."""
+    return list(range(1, n_layers - 1))
+
+
+def route_k(n_blocks: int) -> int:
+    """Key blocks a query routes to besides its own: k = floor(log2(number of blocks)), at least 1."""
+    return max(1, int(math.log2(max(n_blocks, 1))))
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "v3-tiny": ModelConfig("v3", "v3-tiny", d_model=64, n_layers=4, n_heads=4, d_ff=172,
+                           max_seq_len=1024, local_window=16, n_global_buckets=8, memory_len=512),
+    "r1-tiny": ModelConfig("r1", "r1-tiny", d_model=64, n_layers=6, n_heads=4, d_ff=172,
+                           max_seq_len=1024, local_window=16, n_global_buckets=8, block_size=16,
+                           n_unique_blocks=3, gated_layers=_r1_gates(6)),
+    "v3-mini": ModelConfig("v3", "v3-mini", d_model=768, n_layers=12, n_heads=12, d_ff=2048,
+                           max_seq_len=2048, local_window=64, n_global_buckets=16, memory_len=1024),
+    "r1-mini": ModelConfig("r1", "r1-mini", d_model=768, n_layers=16, n_heads=12, d_ff=2048,
+                           max_seq_len=2048, local_window=64, n_global_buckets=16, block_size=64,
+                           n_unique_blocks=8, gated_layers=_r1_gates(16)),
+    # Full size: LLaMA-13B-shaped V3 (13.0 B); R1 with 40 unique 4096-wide blocks used twice (8.4 B unique).
+    "v3-13b": ModelConfig("v3", "v3-13b", vocab_size=32000, d_model=5120, n_layers=40, n_heads=40,
+                          d_ff=13824, max_seq_len=8192, local_window=128, n_global_buckets=32,
+                          max_distance=8192, memory_len=4096),
+    "r1-8.5b": ModelConfig("r1", "r1-8.5b", vocab_size=32000, d_model=4096, n_layers=80, n_heads=32,
+                           d_ff=11008, max_seq_len=8192, local_window=128, n_global_buckets=32,
+                           max_distance=8192, block_size=128, n_unique_blocks=40,
+                           gated_layers=_r1_gates(80)),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise unknown_name("model", name, PRESETS)
+    return dataclasses.replace(PRESETS[name], gated_layers=list(PRESETS[name].gated_layers))

@@ -1,0 +1,64 @@
+"""MODEL_OR_DIR -> what it is: a preset name, a checkpoint directory, or an exported artifact."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+from edgekit.models import PRESETS, ModelConfig, preset
+
+
+@dataclass
+class Resolved:
+    kind: str  # "preset" | "checkpoint" | "onnx" | "engine"
+    name: str
+    cfg: ModelConfig
+    path: Path | None = None
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def default_runtime(self) -> str:
+        return {"onnx": "onnxruntime", "engine": "tensorrt"}.get(self.kind, "torch")
+
+    def load_model(self):
+        """The PyTorch model behind a preset or checkpoint (fp32, CPU)."""
+        from edgekit.checkpoint import load_checkpoint
+        from edgekit.models import build
+
+        if self.kind == "preset":
+            return build(self.cfg)
+        if self.kind == "checkpoint":
+            return load_checkpoint(self.path)
+        raise EdgekitError(f"{self.path} is an exported {self.kind} artifact, not a PyTorch model",
+                           "pass a preset name or a checkpoint directory")
+
+
+def resolve(target: str | Path) -> Resolved:
+    from edgekit.artifact import MANIFEST, read_manifest
+    from edgekit.checkpoint import read_config
+
+    path = Path(target)
+    if not path.exists():
+        if str(target) in PRESETS or "/" not in str(target):
+            cfg = preset(str(target))  # raises 'unknown model' with the nearest match
+            return Resolved("preset", cfg.name, cfg)
+        raise EdgekitError(f"{target} does not exist", "pass a preset name (see 'edgekit models') or a directory")
+    if not path.is_dir():
+        raise EdgekitError(f"{target} is a file", "pass the artifact or checkpoint directory that contains it")
+    manifest = read_manifest(path) if (path / MANIFEST).is_file() else {}
+    cfg = read_config(path)
+    kind = manifest.get("format", "checkpoint")
+    if kind not in ("checkpoint", "onnx", "engine", "tensorrt"):
+        raise EdgekitError(f"{path}: unknown artifact format '{kind}'")
+    if kind == "tensorrt":
+        kind = "engine" if (path / "model.engine").is_file() else "onnx"
+    return Resolved(kind, manifest.get("model", cfg.name), cfg, path, manifest)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgekitError(f"cannot read {path}: {e}") from None

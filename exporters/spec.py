@@ -1,0 +1,53 @@
+"""The description of an exported decoder graph, apart from the converter (STYLE.md, optimum):
+input/output names, dynamic axes and seeded dummy inputs. Every exporter and runtime uses it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgekit.models import ModelConfig
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    cfg: ModelConfig
+
+    @property
+    def gated(self) -> bool:
+        return self.cfg.family == "r1"
+
+    def past_names(self) -> list[str]:
+        return [f"past.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
+
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids", *(["thresholds"] if self.gated else []), *self.past_names()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits", *self.present_names(), *(["executed"] if self.gated else [])]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+        for n in self.past_names():
+            axes[n] = {0: "batch", 2: "past"}
+        for n in self.present_names():
+            axes[n] = {0: "batch", 2: "present"}
+        return axes
+
+    def dummy(self, batch: int, seq: int, past: int, seed: int = 0, thresholds=None) -> dict[str, np.ndarray]:
+        """Seeded inputs for the graph: random tokens and a random KV cache of length `past`."""
+        cfg = self.cfg
+        rng = np.random.default_rng(seed)
+        feeds = {"input_ids": rng.integers(0, min(cfg.vocab_size, 256), (batch, seq), dtype=np.int64)}
+        if self.gated:
+            thr = cfg.default_threshold if thresholds is None else thresholds
+            feeds["thresholds"] = np.broadcast_to(np.asarray(thr, np.float32), (cfg.n_layers,)).copy()
+        for n in self.past_names():
+            feeds[n] = rng.standard_normal((batch, cfg.n_heads, past, cfg.head_dim)).astype(np.float32)
+        return feeds

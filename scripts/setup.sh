@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv and installs edgekit into it. Installs the CPU build of torch only where no torch
+# is importable; an existing torch (a Jetson's or a CUDA machine's, in the system Python) is kept:
+# the venv then sees it through --system-site-packages and pip leaves it alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  if "$PY" -c "import torch" 2>/dev/null; then
+    echo "setup: keeping the torch already installed ($("$PY" -c 'import torch; print(torch.__version__)'))"
+    "$PY" -m venv --system-site-packages .venv
+  else
+    "$PY" -m venv .venv
+  fi
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "setup: no torch found, installing the CPU build (torch==2.13.0)"
+  .venv/bin/pip install -q "torch==2.13.0"
+fi
+.venv/bin/pip install -q -e ".[dev]"
