@@ -86,9 +86,9 @@ def route_k(n_blocks: int) -> int:
 PRESETS: dict[str, ModelConfig] = {
     "v3-tiny": ModelConfig("v3", "v3-tiny", d_model=64, n_layers=4, n_heads=4, d_ff=172,
                            max_seq_len=1024, local_window=16, n_global_buckets=8, memory_len=512),
-    "r1-tiny": ModelConfig("r1", "r1-tiny", d_model=64, n_layers=6, n_heads=4, d_ff=172,
+    "r1-tiny": ModelConfig("r1", "r1-tiny", d_model=64, n_layers=4, n_heads=4, d_ff=172,
                            max_seq_len=1024, local_window=16, n_global_buckets=8, block_size=16,
-                           n_unique_blocks=3, gated_layers=_r1_gates(6)),
+                           n_unique_blocks=2, gated_layers=_r1_gates(4)),
     "v3-mini": ModelConfig("v3", "v3-mini", d_model=768, n_layers=12, n_heads=12, d_ff=2048,
                            max_seq_len=2048, local_window=64, n_global_buckets=16, memory_len=1024),
     "r1-mini": ModelConfig("r1", "r1-mini", d_model=768, n_layers=16, n_heads=12, d_ff=2048,
