@@ -71,7 +71,7 @@ def generate(
     target: Target,
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 16,
-    threshold: Annotated[float | None, typer.Option("--threshold", help="R1 skip threshold, every gated layer.")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="R1 skip threshold (all gates).")] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens (0 = all).")] = 0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
