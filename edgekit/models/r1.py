@@ -42,7 +42,8 @@ def routed_allowed(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, block_s
 
 
 class Gate(nn.Module):
-    """score = sigmoid(mean over batch and tokens of (rmsnorm(h) . w) + b): one scalar per call."""
+    """Per-token score sigmoid(rmsnorm(h) . w + b) [B, S]. At inference one decision per call:
+    the mean score over batch and tokens against the layer's threshold (decode: one token)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -52,7 +53,7 @@ class Gate(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return torch.sigmoid((x @ self.w).mean() + self.b)
+        return torch.sigmoid(x @ self.w + self.b)
 
 
 def _exporting() -> bool:
@@ -79,6 +80,7 @@ class R1(CausalLM):
 
         h = self.embed(input_ids)
         presents, executed = [], []
+        self.gate_scores: list[torch.Tensor] = []  # training: per-layer [B, S] scores for a compute penalty
         for layer, (pk, pv) in enumerate(past):
             block = self.blocks[cfg.block_of(layer)]
             x = block.attn_norm(h)
@@ -96,8 +98,16 @@ class R1(CausalLM):
                 h = run(h, x, k_all, v_all, qpos, local_idx, global_idx)
                 executed.append(torch.ones((), dtype=torch.bool, device=dev))
                 continue
-            pred = gate(h) > thresholds[layer]  # 0-D bool
+            score = gate(h)  # [B, S]
             operands = (h, x, k_all, v_all, qpos, local_idx, global_idx)
+            if self.training:  # per-token hard gate with a straight-through gradient to the score
+                hard = (score > thresholds[layer]).to(h.dtype)
+                mix = (hard + score - score.detach()).unsqueeze(-1)
+                h = h + mix * (run(*operands) - h)
+                self.gate_scores.append(score)
+                executed.append(hard.mean() > 0.5)
+                continue
+            pred = score.mean() > thresholds[layer]  # 0-D bool
             if _exporting():
                 h = torch.cond(pred, run, lambda h, *_: h.clone(), operands)
             elif bool(pred):
