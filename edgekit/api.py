@@ -58,3 +58,127 @@ def generate(target: str | Path, prompt: str, max_new_tokens: int = 16, threshol
                            stop=tok.eos_id)
     return {"model": runner.cfg.name, "runtime": runner.name, "prompt": prompt, "text": tok.decode(g.tokens),
             "tokens": g.tokens, "layer_slots": g.layer_slots, "layer_runs": g.layer_runs, "skipped": g.skipped}
+
+
+FORMATS = ("onnx", "tensorrt")
+
+
+def _write_common(tmp: Path, cfg) -> None:
+    import json
+
+    from edgekit.tokenizer import ByteTokenizer
+
+    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    ByteTokenizer().save(tmp)
+
+
+def _dir_bytes(directory: Path, pattern: str = "model.onnx*") -> int:
+    return sum(p.stat().st_size for p in Path(directory).glob(pattern) if p.is_file())
+
+
+def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, force: bool = False,
+           min_cosine: float = 0.99, tolerance: float = 1e-4, device: str | None = None,
+           context: int | None = None, precision: str | None = None) -> dict:
+    """Export a preset/checkpoint to an artifact directory; validation failures fail the export.
+
+    onnx: fp32 graph validated against PyTorch (max abs diff <= tolerance on every output, several
+    shapes and skip patterns); with int8, ORT dynamic int8 inside the If branches and a logit-cosine
+    fidelity floor. tensorrt: delegated to exporters.tensorrt (recipe + TensorRT-ready ONNX).
+    """
+    from edgekit.artifact import staging, write_manifest
+    from edgekit.errors import unknown_name
+    from edgekit.progress import progress
+    from edgekit.resolve import resolve
+
+    if fmt not in FORMATS:
+        raise unknown_name("format", fmt, FORMATS)
+    res = resolve(target)
+    model = res.load_model()
+    if getattr(model, "quantized", False):
+        raise EdgekitError(f"{target} is a torch-int8 checkpoint", "export the fp32 model; --int8 quantizes the graph")
+    out = Path(out)
+    with staging(out, force) as tmp:
+        _write_common(tmp, res.cfg)
+        if fmt == "tensorrt":
+            import exporters.tensorrt as trt_exporter
+
+            fields = trt_exporter.export(model, tmp, device=device, context=context,
+                                         precision=precision or ("int8" if int8 else "fp16"))
+        else:
+            fields = _export_onnx(res, model, tmp, int8, min_cosine, tolerance, progress)
+        manifest = write_manifest(tmp, model=res.name, family=res.cfg.family, source=str(res.path or res.name),
+                                  **fields)
+    return {k: v for k, v in manifest.items() if k != "files"} | {"out": str(out), "files": sorted(manifest["files"])}
+
+
+def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance: float, progress) -> dict:
+    import shutil
+
+    from edgekit.resolve import Resolved
+    from exporters import onnx as onnx_exporter
+    from exporters.spec import DecoderSpec
+    from runtimes.onnxruntime import OnnxRuntimeRunner
+    from runtimes.torch import TorchRunner
+
+    spec = DecoderSpec(res.cfg)
+    fp32_dir = tmp / "fp32" if int8 else tmp
+    fp32_dir.mkdir(exist_ok=True)
+    with progress(f"exporting {res.name} to ONNX (torch.export)") as advance:
+        onnx_exporter.export_graph(model, fp32_dir / onnx_exporter.MODEL_FILE)
+        advance(1)
+    reference = TorchRunner(Resolved(res.kind, res.name, res.cfg, res.path, model=model))
+    n_cases = len(onnx_exporter.validation_cases(spec))
+    with reference, OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, fp32_dir)) as fp32_runner, \
+            progress("validating fp32 graph against PyTorch", n_cases) as advance:
+        validation = onnx_exporter.validate(reference, fp32_runner, spec, tolerance=tolerance, advance=advance)
+    fields = {"format": "onnx", "precision": "fp32", "model_file": onnx_exporter.MODEL_FILE,
+              "opset": onnx_exporter.OPSET, "inputs": spec.input_names, "outputs": spec.output_names,
+              "dynamic_axes": spec.dynamic_axes(), "validation": {"fp32": validation},
+              "graph_ops": onnx_exporter.graph_ops(fp32_dir / onnx_exporter.MODEL_FILE)}
+    fp32_bytes = _dir_bytes(fp32_dir)
+    fields["size"] = {"fp32_bytes": fp32_bytes}
+    if int8:
+        with progress("quantizing to int8 (ONNX Runtime dynamic, If branches included)") as advance:
+            onnx_exporter.quantize_int8(fp32_dir / onnx_exporter.MODEL_FILE, tmp / onnx_exporter.MODEL_FILE)
+            advance(1)
+        with reference, OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, tmp)) as int8_runner, \
+                progress("checking int8 fidelity", n_cases) as advance:
+            fields["validation"]["int8"] = onnx_exporter.validate(reference, int8_runner, spec, tolerance=None,
+                                                                  min_cosine=min_cosine, advance=advance)
+        shutil.rmtree(fp32_dir)
+        int8_bytes = _dir_bytes(tmp)
+        fields.update(precision="int8", graph_ops=onnx_exporter.graph_ops(tmp / onnx_exporter.MODEL_FILE))
+        fields["size"].update(int8_bytes=int8_bytes, int8_over_fp32=round(int8_bytes / fp32_bytes, 4))
+    return fields
+
+
+def quantize(target: str | Path, out: str | Path, force: bool = False, min_cosine: float = 0.99) -> dict:
+    """PyTorch dynamic int8 of the Linear layers as a checkpoint artifact, with size and fidelity."""
+    from edgekit.artifact import staging, write_manifest
+    from edgekit.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
+    from edgekit.progress import progress
+    from edgekit.quantize import METHOD
+    from edgekit.resolve import Resolved, resolve
+    from exporters.onnx import validate, validation_cases
+    from exporters.spec import DecoderSpec
+    from runtimes.torch import TorchRunner
+
+    res = resolve(target)
+    model = res.load_model()
+    out = Path(out)
+    spec = DecoderSpec(res.cfg)
+    with staging(out, force) as tmp:
+        _write_common(tmp, res.cfg)
+        save_checkpoint(model, tmp, int8=True)
+        quantized = load_checkpoint(tmp)
+        fp32_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+        int8_bytes = (tmp / WEIGHTS).stat().st_size
+        with TorchRunner(Resolved(res.kind, res.name, res.cfg, res.path, model=model)) as ref, \
+                TorchRunner(Resolved("checkpoint", res.name, res.cfg, tmp, model=quantized)) as q, \
+                progress("checking int8 fidelity", len(validation_cases(spec))) as advance:
+            report = validate(ref, q, spec, tolerance=None, min_cosine=min_cosine, advance=advance)
+        manifest = write_manifest(tmp, format="checkpoint", precision="int8", quantization=METHOD, model=res.name,
+                                  family=res.cfg.family, source=str(res.path or res.name), validation={"int8": report},
+                                  size={"fp32_bytes": fp32_bytes, "int8_bytes": int8_bytes,
+                                        "int8_over_fp32": round(int8_bytes / fp32_bytes, 4)})
+    return {k: v for k, v in manifest.items() if k != "files"} | {"out": str(out), "files": sorted(manifest["files"])}

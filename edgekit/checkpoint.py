@@ -13,13 +13,20 @@ from edgekit.models import CausalLM, ModelConfig, build
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
 
-def save_checkpoint(model: CausalLM, directory: Path) -> None:
-    """Write config.json and model.safetensors into an existing directory (use artifact.staging)."""
-    from safetensors.torch import save_model
+def save_checkpoint(model: CausalLM, directory: Path, int8: bool = False) -> None:
+    """Write config.json and model.safetensors into an existing directory (use artifact.staging).
+
+    int8=True stores the torch dynamic-int8 form (edgekit.quantize): int8 weights + scales."""
+    from safetensors.torch import save_file, save_model
 
     directory = Path(directory)
     (directory / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=1))
-    save_model(model, str(directory / WEIGHTS))
+    if int8:
+        from edgekit.quantize import METHOD, int8_state
+
+        save_file(int8_state(model), str(directory / WEIGHTS), metadata={"quantization": METHOD})
+    else:
+        save_model(model, str(directory / WEIGHTS))
 
 
 def read_config(directory: Path) -> ModelConfig:
@@ -35,7 +42,7 @@ def read_config(directory: Path) -> ModelConfig:
 
 def load_checkpoint(directory: Path, device: str = "cpu") -> CausalLM:
     """Build the model from config.json and fill it from model.safetensors, strictly."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -45,9 +52,15 @@ def load_checkpoint(directory: Path, device: str = "cpu") -> CausalLM:
         raise EdgekitError(f"{directory}: no {WEIGHTS}", "save the checkpoint again with edgekit")
     try:
         state = load_file(str(weights), device=device)
+        with safe_open(str(weights), "pt") as f:
+            quantization = (f.metadata() or {}).get("quantization")
     except (SafetensorError, OSError, ValueError) as e:
         raise EdgekitError(f"{weights} is corrupt or truncated: {e}", "copy or save it again") from None
     model = build(cfg, device="meta")
+    if quantization:
+        from edgekit.quantize import load_int8
+
+        return load_int8(model, state)
     expected = model.state_dict()
     # save_model drops aliases of shared tensors; fill them from the kept name
     missing = sorted(set(expected) - set(state))

@@ -90,6 +90,53 @@ def generate(
                       f"({100 * r['skipped'] / r['layer_slots']:.0f}%)[/dim]")
 
 
+@app.command()
+def export(
+    target: Target,
+    out: OutDir,
+    fmt: Annotated[str, typer.Option("--format", help="onnx or tensorrt.")] = "onnx",
+    int8: Annotated[bool, typer.Option("--int8", help="ONNX Runtime dynamic int8 (CPU/ARM targets).")] = False,
+    device: Annotated[str | None, typer.Option(help="Target device profile (tensorrt).")] = None,
+    context: Annotated[int | None, typer.Option(help="Context length to plan for (tensorrt).")] = None,
+    precision: Annotated[str | None, typer.Option(help="TensorRT precision (default fp16).")] = None,
+    min_cosine: Annotated[float, typer.Option("--min-cosine", help="Fail int8 below this logit cosine.")] = 0.99,
+    force: Force = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Export to an artifact directory (model, config, manifest); validation failures fail the command."""
+    r = api.export(target, fmt, out, int8=int8, force=force, min_cosine=min_cosine, device=device,
+                   context=context, precision=precision)
+    if as_json:
+        emit(r, True)
+        return
+    v = r.get("validation", {})
+    console.print(f"wrote {r['out']} ({r['format']}, {r['precision']}; files: {', '.join(r['files'])})")
+    if "fp32" in v:
+        console.print(f"validated fp32 vs PyTorch: {len(v['fp32']['cases'])} cases, max abs diff "
+                      f"{v['fp32']['max_abs_diff']:.2e}, skip patterns {v['fp32']['distinct_skip_patterns']}")
+    if "int8" in v:
+        console.print(f"int8: size {r['size']['int8_over_fp32']:.1%} of fp32, logit cosine "
+                      f"{v['int8']['logit_cosine_mean']:.5f}, argmax agreement {v['int8']['argmax_agreement']:.1%}")
+
+
+@app.command()
+def quantize(
+    target: Target,
+    out: OutDir,
+    min_cosine: Annotated[float, typer.Option("--min-cosine", help="Fail below this logit cosine.")] = 0.99,
+    force: Force = False,
+    as_json: JsonOut = False,
+) -> None:
+    """PyTorch dynamic int8 of the Linear layers, written as a safetensors checkpoint artifact."""
+    r = api.quantize(target, out, force=force, min_cosine=min_cosine)
+    if as_json:
+        emit(r, True)
+        return
+    v = r["validation"]["int8"]
+    console.print(f"wrote {r['out']}: size {r['size']['int8_over_fp32']:.1%} of fp32, logit cosine "
+                  f"{v['logit_cosine_mean']:.5f}, argmax agreement {v['argmax_agreement']:.1%}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -17,6 +17,7 @@ class Resolved:
     cfg: ModelConfig
     path: Path | None = None
     manifest: dict = field(default_factory=dict)
+    model: object = None  # an already loaded PyTorch model (skips loading)
 
     @property
     def default_runtime(self) -> str:
@@ -27,6 +28,8 @@ class Resolved:
         from edgekit.checkpoint import load_checkpoint
         from edgekit.models import build
 
+        if self.model is not None:
+            return self.model
         if self.kind == "preset":
             return build(self.cfg)
         if self.kind == "checkpoint":

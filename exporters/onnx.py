@@ -1,0 +1,231 @@
+"""ONNX exporter: one decoder graph with KV cache; R1's gates stay `If` nodes with the thresholds as
+an input. Export (torch.export + torch.onnx dynamo), int8 dynamic quantization that enters the If
+branches, and validation against PyTorch on seeded inputs are separate steps (STYLE.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgekit.errors import EdgekitError
+from edgekit.models import CausalLM
+from exporters.spec import DecoderSpec
+
+OPSET = 18
+MODEL_FILE = "model.onnx"
+LARGE_FLOAT_BYTES = 64 * 1024
+
+
+class FlatDecoder(nn.Module):
+    """The model with flat tensor inputs/outputs in DecoderSpec order, for the exporter."""
+
+    def __init__(self, model: CausalLM):
+        super().__init__()
+        self.model = model
+        self.gated = DecoderSpec(model.cfg).gated
+
+    def forward(self, input_ids, thresholds, *past_flat):
+        past = list(zip(past_flat[0::2], past_flat[1::2]))
+        logits, presents, executed = self.model(input_ids, past, thresholds if self.gated else None)
+        flat = [t for kv in presents for t in kv]
+        return (logits, *flat, executed) if self.gated else (logits, *flat)
+
+
+def example_shapes(model: CausalLM) -> tuple[int, int, int]:
+    """(batch, seq, past) for tracing: no 0/1 sizes (torch.export would specialise them) and, for R1,
+    keys spanning several routing blocks so the block count stays symbolic."""
+    cfg = model.cfg
+    past = 2 * cfg.block_size + 3 if cfg.family == "r1" else 37
+    if cfg.memory_len:
+        past = min(past, cfg.memory_len - 8)
+    return 2, 5, past
+
+
+def export_graph(model: CausalLM, path: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Write `path` (+ `path`.data external weights) for `model`, batch/seq/past dynamic."""
+    from torch.export import Dim
+
+    spec = DecoderSpec(model.cfg)
+    cfg = model.cfg
+    model = model.to(dtype).eval()
+    b, s, p = example_shapes(model)
+    feeds = spec.dummy(b, s, p, seed=0)
+    args = [torch.from_numpy(feeds["input_ids"])]
+    args.append(torch.from_numpy(feeds["thresholds"]) if spec.gated else torch.zeros(cfg.n_layers))
+    args += [torch.from_numpy(feeds[n]).to(dtype) for n in spec.past_names()]
+    batch = Dim("batch", min=1, max=1024)
+    seq = Dim("seq", min=1, max=cfg.max_seq_len)
+    past = Dim("past", min=0, max=cfg.memory_len or cfg.max_seq_len)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "thresholds": None,
+               "past_flat": tuple({0: batch, 2: past} for _ in spec.past_names())}
+    with torch.no_grad():
+        program = torch.export.export(FlatDecoder(model), tuple(args), dynamic_shapes=dynamic, strict=False)
+        onnx_program = torch.onnx.export(program, tuple(args), input_names=[*spec.input_names[:1], "thresholds",
+                                         *spec.past_names()], output_names=spec.output_names, opset_version=OPSET,
+                                         dynamo=True, verbose=False)
+    onnx_program.optimize()
+    model_proto = onnx_program.model_proto
+    if not spec.gated:  # V3 ignores the thresholds input; drop it from the graph's signature
+        keep = [i for i in model_proto.graph.input if i.name != "thresholds"]
+        del model_proto.graph.input[:]
+        model_proto.graph.input.extend(keep)
+    _rename_dynamic_axes(model_proto, spec)
+    save_external(model_proto, path)
+
+
+def _rename_dynamic_axes(model_proto, spec: DecoderSpec) -> None:
+    """Give the graph's symbolic dims the spec's names (batch, seq, past, present)."""
+    axes = spec.dynamic_axes()
+    for vi in [*model_proto.graph.input, *model_proto.graph.output]:
+        for idx, name in axes.get(vi.name, {}).items():
+            dim = vi.type.tensor_type.shape.dim[idx]
+            if not dim.HasField("dim_value"):
+                dim.dim_param = name
+
+
+def save_external(model_proto, path: Path) -> None:
+    import onnx
+
+    path = Path(path)
+    onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def graph_ops(path: Path) -> dict[str, int]:
+    """op type -> count over the main graph and every subgraph (If branches)."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in iter_nodes(onnx.load(str(path), load_external_data=False).graph):
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def iter_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g.node:
+                yield from iter_nodes(attr.g)
+            for g in attr.graphs:
+                yield from iter_nodes(g)
+
+
+def iter_graphs(graph, where: str = "main"):
+    yield where, graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g.node:
+                yield from iter_graphs(attr.g, f"{where}/{node.name}.{attr.name}")
+            for i, g in enumerate(attr.graphs):
+                yield from iter_graphs(g, f"{where}/{node.name}.{attr.name}[{i}]")
+
+
+def large_float_weights(path: Path, limit: int = LARGE_FLOAT_BYTES) -> list[tuple[str, str, int]]:
+    """(graph path, tensor name, bytes) of every float initializer / Constant larger than `limit`,
+    in the main graph and every If branch."""
+    import onnx
+    from onnx import TensorProto
+
+    float_types = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.DOUBLE: 8}
+    model = onnx.load(str(path), load_external_data=False)
+    found = []
+    for where, g in iter_graphs(model.graph):
+        tensors = list(g.initializer)
+        tensors += [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+        for t in tensors:
+            if t.data_type in float_types:
+                nbytes = int(np.prod(t.dims, dtype=np.int64)) * float_types[t.data_type]
+                if nbytes > limit:
+                    found.append((where, t.name, nbytes))
+    return found
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """ONNX Runtime dynamic int8 (signed weights, per-tensor), inside the If branches too
+    (EnableSubgraph; without it the 'int8' file is the fp32 model). Fails if a float weight over
+    64 KiB survives anywhere."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, use_external_data_format=True,
+                     extra_options={"EnableSubgraph": True})
+    left = large_float_weights(dst)
+    if left:
+        where, name, nbytes = left[0]
+        raise EdgekitError(f"int8 quantization left {len(left)} float weight(s) over 64 KiB, e.g. {name} "
+                           f"({nbytes} bytes) in {where}", "this is an edgekit bug: report it with the model config")
+
+
+def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], names: list[str]) -> dict[str, float]:
+    """Per-output max abs difference; a missing name or a shape mismatch raises."""
+    diffs = {}
+    for n in names:
+        if n not in got:
+            raise EdgekitError(f"validation: exported graph has no output '{n}'")
+        if got[n].shape != ref[n].shape:
+            raise EdgekitError(f"validation: output '{n}' has shape {got[n].shape}, PyTorch gives {ref[n].shape}")
+        a, b = got[n].astype(np.float64), ref[n].astype(np.float64)
+        diffs[n] = float(np.abs(a - b).max()) if a.size else 0.0
+    return diffs
+
+
+def validation_cases(spec: DecoderSpec) -> list[dict]:
+    """Seeded (batch, seq, past) shapes x threshold settings that give different skip patterns."""
+    cfg = spec.cfg
+    shapes = [(1, 1, 0), (2, 7, 0), (1, 1, 19), (3, 4, 2 * cfg.block_size + 5)]
+    if cfg.memory_len:
+        shapes.append((1, 4, cfg.memory_len - 2))  # crosses the segment memory: the cache is truncated
+    if not spec.gated:
+        return [{"shape": s, "thresholds": None, "label": "dense"} for s in shapes]
+    n = cfg.n_layers
+    settings = {"run-all": np.zeros(n, np.float32), "skip-all-gated": np.full(n, 2.0, np.float32),
+                "skip-alternate": np.array([2.0 * (i % 2) for i in range(n)], np.float32),
+                "default": np.full(n, cfg.default_threshold, np.float32)}
+    return [{"shape": s, "thresholds": t, "label": k} for s in shapes for k, t in settings.items()]
+
+
+def validate(reference, candidate, spec: DecoderSpec, tolerance: float | None = 1e-4, min_cosine: float | None = None,
+             advance=lambda *a, **k: None) -> dict:
+    """Run both runners (activated) on the same seeded inputs and compare.
+
+    tolerance: fp32 max-abs-diff bound per output; min_cosine: logit cosine floor (quantized graphs).
+    Returns the report; raises EdgekitError on a name/shape mismatch, a skip-pattern mismatch or a miss.
+    """
+    cases = validation_cases(spec)
+    report = {"cases": [], "tolerance": tolerance, "min_cosine": min_cosine}
+    cos_all, agree, total = [], 0, 0
+    for i, case in enumerate(cases):
+        feeds = spec.dummy(*case["shape"], seed=100 + i, thresholds=case["thresholds"])
+        ref, got = reference.infer(feeds), candidate.infer(feeds)
+        diffs = compare_outputs(ref, got, spec.output_names)
+        entry = {"batch_seq_past": list(case["shape"]), "setting": case["label"], "max_abs_diff": max(diffs.values()),
+                 "logits_max_abs_diff": diffs["logits"]}
+        if spec.gated:
+            entry["executed"] = ref["executed"].astype(int).tolist()
+            if not np.array_equal(ref["executed"], got["executed"]) and min_cosine is None:
+                raise EdgekitError(f"validation: skip pattern differs at {case['label']} {case['shape']}: "
+                                   f"PyTorch {entry['executed']} vs graph {got['executed'].astype(int).tolist()}")
+        a, b = ref["logits"].reshape(-1, ref["logits"].shape[-1]), got["logits"].reshape(-1, got["logits"].shape[-1])
+        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+        cos_all.append(cos)
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += a.shape[0]
+        entry["logit_cosine_min"] = float(cos.min())
+        report["cases"].append(entry)
+        advance(1)
+        if tolerance is not None and max(diffs.values()) > tolerance:
+            worst = max(diffs, key=diffs.get)
+            raise EdgekitError(f"validation failed: output '{worst}' differs by {diffs[worst]:.3g} > {tolerance:g} "
+                               f"at {case['label']} batch/seq/past={case['shape']}", "the exported graph is wrong")
+    cos = np.concatenate(cos_all)
+    report.update(logit_cosine_mean=float(cos.mean()), logit_cosine_min=float(cos.min()),
+                  argmax_agreement=agree / total, max_abs_diff=max(c["max_abs_diff"] for c in report["cases"]),
+                  distinct_skip_patterns=len({str(c.get("executed")) for c in report["cases"]}))
+    if min_cosine is not None and report["logit_cosine_mean"] < min_cosine:
+        raise EdgekitError(f"validation failed: logit cosine {report['logit_cosine_mean']:.4f} < {min_cosine}",
+                           "lower --min-cosine only if you accept the loss")
+    report["passed"] = True
+    return report
