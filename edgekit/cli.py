@@ -137,6 +137,104 @@ def quantize(
                   f"{v['logit_cosine_mean']:.5f}, argmax agreement {v['argmax_agreement']:.1%}")
 
 
+# --- IoT bundles (edgekit.package): keygen, package, verify, install, run --------------------------
+
+PublicKey = Annotated[Path | None, typer.Option("--public-key", help="ed25519 public key (edgekit.pub); "
+                                                 "the bundle must then carry a valid signature.")]
+BundleFile = Annotated[Path, typer.Argument(help="Bundle file (.tar.gz) written by 'edgekit package'.")]
+
+
+@app.command("keygen")
+def keygen_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Directory for edgekit.key (private) and edgekit.pub.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key pair.")] = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Create an ed25519 key pair for signing bundles."""
+    from edgekit import package as bundles
+
+    r = bundles.keygen(out, force=force)
+    emit(r, as_json, lambda r: console.print(
+        f"wrote {r['private_key']} (private: keep it on the build machine) and {r['public_key']} "
+        f"(ship this one; key id {r['key_id']})", markup=False, highlight=False))
+
+
+@app.command("package")
+def package_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory (export, quantize or checkpoint).")],
+    device: Annotated[str, typer.Option("--device", help="Target device profile (e.g. cpu, jetson-orin-nano).")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle file to write (.tar.gz, written atomically).")],
+    sign_key: Annotated[Path | None, typer.Option("--sign-key", help="ed25519 private key (edgekit.key).")] = None,
+    runtime: Annotated[str | None, typer.Option(help="Runtime on the device (default: by artifact).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads on the device.")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="R1 skip threshold (all gates).")] = None,
+    force: Force = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Bundle an artifact for a device: one reproducible, optionally signed .tar.gz."""
+    from edgekit import package as bundles
+
+    r = bundles.package(artifact, device, out, sign_key=sign_key, runtime=runtime, threads=threads,
+                        threshold=threshold, force=force)
+    emit(r, as_json, lambda r: console.print(
+        f"wrote {r['bundle']}: {r['model']} for {r['device']}, {r['files']} files, {r['bytes']} bytes, "
+        f"sha256 {r['sha256']}, signed: {r['signed']}", markup=False, highlight=False))
+
+
+@app.command("verify")
+def verify_cmd(file: BundleFile, public_key: PublicKey = None, as_json: JsonOut = False) -> None:
+    """Check a bundle: signature, every file's hash, none missing, none extra."""
+    from edgekit import package as bundles
+
+    r = bundles.verify(file, public_key)
+    emit(r, as_json, lambda r: console.print(
+        "\n".join([f"OK {r['bundle']}: {r['model']} for {r['device']}", *(f"  {c}" for c in r["checks"])]),
+        markup=False, highlight=False))
+
+
+@app.command("install")
+def install_cmd(
+    file: BundleFile,
+    dest: Annotated[Path, typer.Option("--dest", help="Directory to install into (created atomically).")],
+    public_key: PublicKey = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an installed bundle at --dest and skip the "
+                                                         "machine check.")] = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Verify a bundle, check this machine against its target, and install it atomically."""
+    from edgekit import package as bundles
+
+    r = bundles.install(file, dest, public_key=public_key, force=force)
+    emit(r, as_json, lambda r: console.print(
+        "\n".join([f"installed {r['model']} to {r['installed']} (signature: {r['signature']}; engine: "
+                   f"{r['engine']})", *(f"  machine: {m}" for m in r["machine"])]), markup=False, highlight=False))
+
+
+@app.command("run")
+def run_cmd(
+    target: Annotated[Path, typer.Argument(help="Installed bundle directory, or a bundle file.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 16,
+    public_key: PublicKey = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Override the bundle's threshold.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Run a bundle file even if this machine does not "
+                                                         "match its target.")] = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Run an installed bundle (or verify and run a bundle file) with its runtime and settings."""
+    from edgekit import package as bundles
+
+    r = bundles.run(target, prompt, max_new_tokens=max_new_tokens, public_key=public_key, threshold=threshold,
+                    force=force)
+    if as_json:
+        emit(r, True)
+        return
+    console.print(r["text"], markup=False, highlight=False)
+    if r.get("layer_slots"):
+        console.print(f"[dim]{r['runtime']}: R1 skipped {r['skipped']} of {r['layer_slots']} layer executions "
+                      f"({100 * r['skipped'] / r['layer_slots']:.0f}%)[/dim]")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
