@@ -144,6 +144,11 @@ PublicKey = Annotated[Path | None, typer.Option("--public-key", help="ed25519 pu
 BundleFile = Annotated[Path, typer.Argument(help="Bundle file (.tar.gz) written by 'edgekit package'.")]
 
 
+def say(text: str) -> None:
+    """Plain text, unwrapped (paths and hashes stay on one line)."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command("keygen")
 def keygen_cmd(
     out: Annotated[Path, typer.Option("--out", help="Directory for edgekit.key (private) and edgekit.pub.")],
@@ -154,9 +159,9 @@ def keygen_cmd(
     from edgekit import package as bundles
 
     r = bundles.keygen(out, force=force)
-    emit(r, as_json, lambda r: console.print(
+    emit(r, as_json, lambda r: say(
         f"wrote {r['private_key']} (private: keep it on the build machine) and {r['public_key']} "
-        f"(ship this one; key id {r['key_id']})", markup=False, highlight=False))
+        f"(ship this one; key id {r['key_id']})"))
 
 
 @app.command("package")
@@ -176,9 +181,9 @@ def package_cmd(
 
     r = bundles.package(artifact, device, out, sign_key=sign_key, runtime=runtime, threads=threads,
                         threshold=threshold, force=force)
-    emit(r, as_json, lambda r: console.print(
+    emit(r, as_json, lambda r: say(
         f"wrote {r['bundle']}: {r['model']} for {r['device']}, {r['files']} files, {r['bytes']} bytes, "
-        f"sha256 {r['sha256']}, signed: {r['signed']}", markup=False, highlight=False))
+        f"sha256 {r['sha256']}, signed: {r['signed']}"))
 
 
 @app.command("verify")
@@ -187,9 +192,8 @@ def verify_cmd(file: BundleFile, public_key: PublicKey = None, as_json: JsonOut 
     from edgekit import package as bundles
 
     r = bundles.verify(file, public_key)
-    emit(r, as_json, lambda r: console.print(
-        "\n".join([f"OK {r['bundle']}: {r['model']} for {r['device']}", *(f"  {c}" for c in r["checks"])]),
-        markup=False, highlight=False))
+    emit(r, as_json, lambda r: say(
+        "\n".join([f"OK {r['bundle']}: {r['model']} for {r['device']}", *(f"  {c}" for c in r["checks"])]),))
 
 
 @app.command("install")
@@ -205,9 +209,9 @@ def install_cmd(
     from edgekit import package as bundles
 
     r = bundles.install(file, dest, public_key=public_key, force=force)
-    emit(r, as_json, lambda r: console.print(
+    emit(r, as_json, lambda r: say(
         "\n".join([f"installed {r['model']} to {r['installed']} (signature: {r['signature']}; engine: "
-                   f"{r['engine']})", *(f"  machine: {m}" for m in r["machine"])]), markup=False, highlight=False))
+                   f"{r['engine']})", *(f"  machine: {m}" for m in r["machine"])])))
 
 
 @app.command("run")
@@ -229,7 +233,7 @@ def run_cmd(
     if as_json:
         emit(r, True)
         return
-    console.print(r["text"], markup=False, highlight=False)
+    say(r["text"])
     if r.get("layer_slots"):
         console.print(f"[dim]{r['runtime']}: R1 skipped {r['skipped']} of {r['layer_slots']} layer executions "
                       f"({100 * r['skipped'] / r['layer_slots']:.0f}%)[/dim]")

@@ -555,6 +555,27 @@ def check_member(file: Path, m: tarfile.TarInfo) -> None:
                            "relative paths", "this bundle was tampered with or not made by 'edgekit package'")
 
 
+class _BundleReader:
+    """The decompressed bundle for tarfile: read errors (truncation, bad CRC, I/O) become one EdgekitError,
+    so they are never confused with errors while writing (a full disk during install)."""
+
+    def __init__(self, gz: gzip.GzipFile, file: Path):
+        self.gz, self.file = gz, file
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.gz.read(size)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise _truncated(self.file, e) from None
+        except OSError as e:
+            raise EdgekitError(f"cannot read {self.file}: {e.strerror or e}") from None
+
+
+def _truncated(file: Path, e: Exception) -> EdgekitError:
+    return EdgekitError(f"{file} is truncated or not a bundle ({str(e) or type(e).__name__})",
+                        "copy the bundle again; it must be the .tar.gz written by 'edgekit package'")
+
+
 @contextlib.contextmanager
 def _open_bundle(file: Path) -> Iterator[tarfile.TarFile]:
     """The bundle as a streaming tar; any sign of truncation or corruption is one EdgekitError."""
@@ -563,15 +584,24 @@ def _open_bundle(file: Path) -> Iterator[tarfile.TarFile]:
     if not file.is_file():
         raise EdgekitError(f"{file} is not a file", "pass the bundle (.tar.gz) written by 'edgekit package'")
     try:
-        with gzip.open(file, "rb") as gz, tarfile.open(fileobj=gz, mode="r|") as tf:
-            yield tf
-            while gz.read(CHUNK):  # to the end: the gzip trailer's CRC and length are checked there
-                pass
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise EdgekitError(f"{file} is truncated or not a bundle ({str(e) or type(e).__name__})",
-                           "copy the bundle again; it must be the .tar.gz written by 'edgekit package'") from None
+        gz = gzip.open(file, "rb")
     except OSError as e:
         raise EdgekitError(f"cannot read {file}: {e.strerror or e}") from None
+    with gz:
+        reader = _BundleReader(gz, file)
+        try:
+            tf = tarfile.open(fileobj=reader, mode="r|")
+        except tarfile.TarError as e:
+            raise _truncated(file, e) from None
+        with tf:
+            try:
+                yield tf
+            except tarfile.TarError as e:  # a header or member cut short
+                if isinstance(e, tarfile.FilterError):
+                    raise
+                raise _truncated(file, e) from None
+        while reader.read(CHUNK):  # to the end: the gzip trailer's CRC and length are checked there
+            pass
 
 
 def _hash_stream(f) -> tuple[str, int]:
