@@ -202,63 +202,60 @@ def _check_signature(file: Path, sig_bytes: bytes | None, manifest_bytes: bytes,
 # ------------------------------------------------------------------------------------------------
 
 
-def _device_profile(device: str) -> dict | None:
-    """The device's facts from profiles/ (`profiles.load(name)`), or None while no loader exists.
+GENERIC_CPU = "cpu"  # a target with no profile: any CPU machine; only memory is checked
 
-    The one place that reads device facts: edgekit never writes device numbers itself.
+
+def _device_profile(device: str):
+    """The device's profile (profiles.load: a TOML in profiles/, or 'host'), None for the generic 'cpu'.
+
+    The one place that reads device facts: edgekit.package never writes device numbers itself.
     """
-    try:
-        import profiles
-
-        load = profiles.load
-    except (ImportError, AttributeError):
+    if device == GENERIC_CPU:
         return None
-    facts = load(device)
-    if hasattr(facts, "to_dict"):
-        facts = facts.to_dict()
-    elif not isinstance(facts, dict):
-        facts = dict(vars(facts))
-    return facts
+    import profiles
 
-
-def _device_kind(device: str, facts: dict | None) -> str:
-    if facts and facts.get("kind"):
-        return str(facts["kind"])
-    name = device.lower()
-    if name.startswith("jetson"):
-        return "jetson"
-    if name in ("cpu", "x86_64", "aarch64", "arm64") or name.startswith("cpu"):
-        return "cpu"
-    return "gpu"
+    return profiles.load(device)  # unknown names: one line with the nearest match
 
 
 def _weights_bytes(table: dict[str, dict]) -> int:
     return sum(m["size"] for rel, m in table.items() if rel.endswith(WEIGHT_SUFFIXES))
 
 
-def _min_memory(res, device: str, table: dict[str, dict], settings: dict) -> tuple[int, str]:
-    """Minimum memory to run: `edgekit plan`'s estimate where edgekit.plan offers one, else the weight bytes."""
-    with contextlib.suppress(ImportError, AttributeError, TypeError):
-        from edgekit import plan
-
-        need = plan.min_memory(res, device, settings)
-        return int(need), "edgekit plan estimate"
-    return _weights_bytes(table), "weight bytes (lower bound; edgekit plan estimate not available)"
-
-
 def compatibility(device: str, res, table: dict[str, dict], settings: dict) -> dict:
-    """What a machine must offer to run this bundle, from the device profile where one exists."""
-    facts = _device_profile(device)
-    kind = _device_kind(device, facts)
-    need, source = _min_memory(res, device, table, settings)
-    compat = {"device": device, "kind": kind, "profile": bool(facts), "min_memory_bytes": need,
-              "min_memory_source": source}
-    if facts:
-        for key in ("arch", "sm", "jetpack", "tensorrt", "memory_bytes"):
-            if facts.get(key) is not None:
-                compat[key] = facts[key]
-    if kind == "jetson":
-        compat.setdefault("arch", "aarch64")
+    """What a machine must offer to run this bundle: from the device profile and `edgekit plan`.
+
+    Minimum memory is plan's estimate (weights + KV cache + activations + the device's reserve) at the
+    model's full context, so any prompt the bundle accepts fits; for the generic 'cpu' target (no
+    profile) it is the weight bytes, a lower bound.
+    """
+    profile = _device_profile(device)
+    if profile is None:
+        return {"device": device, "kind": "cpu", "profile": None, "min_memory_bytes": _weights_bytes(table),
+                "min_memory_source": "weight bytes (a lower bound: the generic 'cpu' target has no profile)"}
+    from edgekit import plan
+
+    precision = res.manifest.get("precision") or "fp32"
+    context = res.cfg.max_seq_len
+    row = plan.plan(res.path, profile.name, precision=precision, context=context)["rows"][0]
+    if not row["fits"]:
+        raise EdgekitError(f"{res.name} ({precision}) does not fit {profile.name}: edgekit plan estimates "
+                           f"{row['total_gib']:.2f} GiB at {context} tokens, the device has {profile.memory_gib:g} GiB",
+                           "quantize it (edgekit quantize, or export --int8) or choose a larger --device")
+    compat = {"device": profile.name, "title": profile.title, "kind": profile.kind, "profile": profile.path or "host",
+              "device_memory_bytes": int(profile.memory_gib * 2**30),
+              "min_memory_bytes": int(row["total_gib"] * 2**30),
+              "min_memory_source": f"edgekit plan estimate ({precision}, {context} tokens, batch 1)"}
+    if profile.kind == "jetson":
+        compat["arch"] = "aarch64"  # every Jetson runs an aarch64 L4T
+    elif profile.kind == "cpu" and profile.arch in ("x86_64", "amd64", "aarch64", "arm64"):
+        compat["arch"] = profile.arch
+    if profile.sm:
+        compat["sm"] = profile.sm
+    if profile.tensorrt_versions:
+        compat["tensorrt"] = sorted(set(profile.tensorrt_versions), key=_version_tuple)
+    jetpack = [st["jetpack"] for st in profile.stacks if "jetpack" in st]
+    if jetpack:
+        compat["jetpack"] = jetpack
     return compat
 
 
@@ -280,6 +277,14 @@ def host_facts(need_gpu: bool = False, need_tensorrt: bool = False) -> dict:
                 facts["gpu_memory_bytes"] = p.total_memory
         except ImportError:
             pass
+    if need_tensorrt and facts["jetson"]:
+        import subprocess
+
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            v = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "nvidia-jetpack"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+            if v:
+                facts["jetpack"] = v.split("-")[0].split("+")[0]
     if need_tensorrt:
         import importlib.metadata as md
 
@@ -350,6 +355,13 @@ def check_machine(compat: dict, settings: dict, host: dict | None = None) -> tup
             bad.append(f"TensorRT {host['tensorrt']} (target {compat['tensorrt']})")
         else:
             ok.append(f"TensorRT {host['tensorrt']}")
+        if kind == "jetson" and compat.get("jetpack") and host.get("jetson"):
+            if "jetpack" not in host:
+                ok.append("JetPack version not found (nvidia-jetpack package); TensorRT checked instead")
+            elif _in_range(host["jetpack"], compat["jetpack"]):
+                ok.append(f"JetPack {host['jetpack']}")
+            else:
+                bad.append(f"JetPack {host['jetpack']} (target {', '.join(compat['jetpack'])})")
     need = int(compat.get("min_memory_bytes") or 0)
     gpu_mem = kind == "gpu" and "gpu_memory_bytes" in host
     have = int(host.get("gpu_memory_bytes" if gpu_mem else "memory_bytes", 0))

@@ -27,7 +27,7 @@ from edgekit.errors import EdgekitError
 
 PROMPT = "the edge"
 THRESHOLD = 0.7  # not the preset's default: proves the bundle's settings reach the runner
-JETSON = "jetson-orin-nano"
+JETSON = "jetson-orin-nano-8gb"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,6 +474,50 @@ def test_bundle_for_a_jetson_is_refused_here(cli, tmp_path, artifact):
     code, out, err = cli("install", b, "--dest", dest, "--force")
     assert code == 0, err
     assert "IGNORED (--force): not a Jetson" in out
+
+
+def test_device_target_comes_from_the_profile_and_plan(tmp_path, artifact):
+    import profiles
+
+    b = tmp_path / "jetson.tar.gz"
+    compat = bundles.package(artifact, JETSON, b)["compatibility"]
+    p = profiles.load(JETSON)
+    assert (compat["kind"], compat["arch"], compat["sm"]) == ("jetson", "aarch64", p.sm)
+    assert compat["tensorrt"] and set(compat["tensorrt"]) == set(p.tensorrt_versions)
+    assert compat["jetpack"] and compat["device_memory_bytes"] == int(p.memory_gib * 2**30)
+    assert compat["min_memory_source"].startswith("edgekit plan estimate")
+    # plan's estimate includes the device's reserve, so it is more than the weights alone
+    assert compat["min_memory_bytes"] > (artifact / "model.safetensors").stat().st_size
+
+
+def test_unknown_device_and_a_model_that_does_not_fit(cli, tmp_path, artifact):
+    from edgekit.models import preset
+
+    code, _, err = cli("package", artifact, "--device", "jetson-orin-nan", "--out", tmp_path / "x.tar.gz")
+    one_line_error(code, err, "unknown device 'jetson-orin-nan'", "did you mean")
+    big = tmp_path / "big"
+    with staging(big) as tmp:  # packaging reads the config, not the weights
+        (tmp / "config.json").write_text(json.dumps(preset("r1-8.5b").to_dict()))
+        (tmp / "model.safetensors").write_bytes(b"not read")
+        write_manifest(tmp, format="checkpoint", model="r1-8.5b")
+    code, _, err = cli("package", big, "--device", "jetson-orin-nano-4gb", "--out", tmp_path / "x.tar.gz")
+    one_line_error(code, err, "does not fit jetson-orin-nano-4gb", "edgekit plan estimates", "quantize")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
+
+
+def test_check_machine_on_a_jetson():
+    compat = {"device": JETSON, "kind": "jetson", "arch": "aarch64", "sm": "8.7", "tensorrt": ["8.5.2", "10.3"],
+              "jetpack": ["6.1", "6.2"], "min_memory_bytes": 1 << 30}
+    orin = {"arch": "aarch64", "memory_bytes": 8 << 30, "jetson": True, "sm": "8.7", "tensorrt": "10.3.0.30",
+            "jetpack": "6.2"}
+    assert bundles.check_machine(compat, {"runtime": "onnxruntime"}, orin)[1] == []
+    assert bundles.check_machine(compat, {"runtime": "tensorrt"}, orin)[1] == []
+    old = {**orin, "tensorrt": "8.6.2", "jetpack": "6.0"}
+    assert bundles.check_machine(compat, {"runtime": "tensorrt"}, old)[1] == \
+        ["TensorRT 8.6.2 (target ['8.5.2', '10.3'])", "JetPack 6.0 (target 6.1, 6.2)"]
+    pc = {"arch": "x86_64", "memory_bytes": 64 << 30, "jetson": False}
+    assert bundles.check_machine(compat, {"runtime": "onnxruntime"}, pc)[1] == \
+        ["CPU x86_64 (target aarch64)", "not a Jetson (no /etc/nv_tegra_release on this x86_64 machine)"]
 
 
 def test_not_enough_memory_is_refused(cli, tmp_path, bundle, monkeypatch):
