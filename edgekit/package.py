@@ -473,7 +473,7 @@ def package(artifact_dir: str | Path, device: str, out_file: str | Path, sign_ke
     members: list[tuple[str, bytes | Path]] = [(BUNDLE_JSON, manifest_bytes)]
     if key is not None:
         members.append((BUNDLE_SIG, _signature_bytes(key, manifest_bytes)))
-    members += [(rel, blobs.get(rel) or files[rel]) for rel in table]
+    members += [(rel, blobs[rel] if rel in blobs else files[rel]) for rel in table]
     _write_tar(out, members, table)
     return {"bundle": str(out), "model": res.name, "device": device, "files": len(table),
             "bytes": out.stat().st_size, "sha256": sha256_file(out), "settings": settings,
