@@ -239,6 +239,166 @@ def run_cmd(
                       f"({100 * r['skipped'] / r['layer_slots']:.0f}%)[/dim]")
 
 
+# devices and plan (issue 5): the work is in edgekit.plan and profiles/ -------------------------
+Device = Annotated[str, typer.Option("--device", help="Target device profile (see 'edgekit devices'), or 'host'.")]
+
+
+@app.command()
+def devices(as_json: JsonOut = False) -> None:
+    """List the target-device profiles (profiles/*.toml) and this machine ('host', measured once)."""
+    from edgekit.plan import list_devices
+
+    emit(list_devices(), as_json, lambda r: console.print(table_of(
+        r, ["name", "kind", "sm", "memory_gib", "bandwidth_gbs", "fp16_tflops", "int8_tops", "precisions",
+            "tensorrt"])))
+
+
+def _show_plan(r: dict) -> None:
+    short = {"precision": "prec", "weights_gib": "weights", "kv_cache_gib": "KV", "activations_gib": "act",
+             "overhead_gib": "overhead", "total_gib": "total", "margin_gib": "margin", "fits": "fits",
+             "max_context": "max ctx", "prefill_s": "prefill s", "decode_tokens_per_s": "decode tok/s",
+             "decode_tokens_per_s_if_60pct_skipped": "tok/s 60% skip"}
+    rows = [{short[k]: f"{v:.3g}" if isinstance(v, float) else ("yes" if v else "NO") if isinstance(v, bool) else v
+             for k, v in row.items() if k in short}
+            for row in r["rows"]]
+    console.print(f"[bold]{r['label']}[/bold]: {r['model']} on {r['device']} ({r['device_title']}, "
+                  f"{r['device_gib']:g} GiB), {r['context']} tokens x batch {r['batch']}; memory in GiB",
+                  highlight=False)
+    console.print(table_of(rows, [c for c in short.values() if c in rows[0]]))
+    console.print(f"[bold]recommendation:[/bold] {r['recommendation']}", highlight=False)
+    for title, lines in (("device", r["device_notes"]), ("assumptions", r["assumptions"])):
+        console.print(f"[bold]{title}:[/bold]")
+        for line in lines:
+            console.print(f"  - {line}", markup=False, highlight=False)
+
+
+def _show_select(r: dict) -> None:
+    console.print(f"[bold]{r['label']}[/bold]: selection for task '{r['task']}' on {r['device']}, "
+                  f"{r['context']} tokens x batch {r['batch']}", highlight=False)
+    choice = f"{r['choice']} at {r['precision']}" if r["choice"] else "no full-size model fits"
+    console.print(f"[bold]choice:[/bold] {choice} (rule: {r['rule']['choice']}, because {r['rule']['because']}; "
+                  f"numbers: {r['numbers']['because']})", highlight=False)
+    for line in r["explanation"] + r["notes"] + r["assumptions"]:
+        console.print(f"  - {line}", markup=False, highlight=False)
+
+
+@app.command()
+def plan(
+    target: Annotated[str | None, typer.Argument(help="Preset, checkpoint or artifact (omit with --select).")] = None,
+    device: Device = "host",
+    precision: Annotated[str | None, typer.Option(help="fp32, fp16, bf16, fp8, int8 or int4 (default: a table "
+                                                       "of every precision the device supports).")] = None,
+    context: Annotated[int | None, typer.Option(help="Tokens in context (default 4096, or the model's "
+                                                     "max_seq_len if smaller).")] = None,
+    batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = 1,
+    select: Annotated[bool, typer.Option("--select", help="Choose V3 or R1 for --task by the brief's selection "
+                                                          "framework and check it against the numbers.")] = False,
+    task: Annotated[str | None, typer.Option(help="With --select: reasoning, chat or general.")] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Estimate whether a model fits a device and how fast it runs (an estimate, with its assumptions)."""
+    from edgekit import plan as planner
+
+    if select:
+        if target is not None or precision is not None:
+            raise EdgekitError("--select chooses the model and precision", "drop MODEL and --precision")
+        if task is None:
+            raise EdgekitError("--select needs --task", f"one of: {', '.join(planner.TASKS)}")
+        emit(planner.select(device, task, context=context, batch=batch), as_json, _show_select)
+        return
+    if task is not None:
+        raise EdgekitError("--task only applies with --select")
+    if target is None:
+        raise EdgekitError("plan needs a MODEL", "e.g. 'edgekit plan v3-13b --device a100-40gb', or --select --task T")
+    emit(planner.plan(target, device, precision=precision, context=context, batch=batch), as_json, _show_plan)
+
+# profile and compare (issue 4): the work is in edgekit.profile ------------------------------------
+PromptLen = Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt tokens (seeded random).")]
+NewTokens = Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens generated per request.")]
+Batch = Annotated[int, typer.Option("--batch", min=1, help="Sequences per call.")]
+Warmup = Annotated[int, typer.Option("--warmup", min=0, help="Unmeasured runs first.")]
+Runs = Annotated[int, typer.Option("--runs", min=1, help="Measured runs.")]
+Threshold = Annotated[float | None, typer.Option("--threshold", help="R1 skip threshold (all gates).")]
+ProfRuntime = Annotated[str | None, typer.Option("--runtime", help="torch or onnxruntime (default: by artifact).")]
+TorchDtype = Annotated[str | None, typer.Option("--dtype", help="torch: fp32, fp16 or bf16.")]
+TorchDevice = Annotated[str | None, typer.Option("--device", help="torch: cpu, cuda or cuda:N on this machine.")]
+Provider = Annotated[str | None, typer.Option("--provider", help="onnxruntime: cpu, cuda or tensorrt.")]
+Threads = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads (intra-op).")]
+ReportOut = Annotated[Path | None, typer.Option("--out", help="Also write the JSON report to this file.")]
+
+
+@app.command("profile")
+def profile_cmd(
+    target: Target,
+    runtime: ProfRuntime = None,
+    prompt_len: PromptLen = 64,
+    new_tokens: NewTokens = 32,
+    batch: Batch = 1,
+    warmup: Warmup = 1,
+    runs: Runs = 5,
+    threshold: Threshold = None,
+    sweep: Annotated[str | None, typer.Option("--sweep-threshold", help="R1: also measure at these thresholds "
+                                              "(0,0.5,0.9,2 or START:STOP:N).")] = None,
+    workload: Annotated[str, typer.Option(help="single, or mixed: seeded requests of mixed lengths.")] = "single",
+    batching: Annotated[str, typer.Option(help="mixed workload: fixed, dynamic or both.")] = "both",
+    requests: Annotated[int, typer.Option(min=1, help="mixed workload: number of requests.")] = 16,
+    token_budget: Annotated[int | None, typer.Option("--token-budget", help="dynamic batching: rows x (prompt + "
+                                                     "new tokens) per batch (default: fixed's worst case).")] = None,
+    dtype: TorchDtype = None,
+    device: TorchDevice = None,
+    provider: Provider = None,
+    threads: Threads = None,
+    seed: Annotated[int, typer.Option(help="Seed of the prompts and the mixed workload.")] = 0,
+    energy: Annotated[bool, typer.Option(help="Measure energy where the device reports power.")] = True,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG (latency distribution, sweep, "
+                                              "batching).")] = None,
+    out: ReportOut = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Measure latency, throughput, memory, R1 skipping and energy on this machine (Ctrl-C keeps what was measured)."""
+    from edgekit.profile import profile, show_profile
+
+    r = profile(target, runtime, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, warmup=warmup, runs=runs,
+                threshold=threshold, sweep=sweep, workload=workload, batching=batching, requests=requests,
+                token_budget=token_budget, dtype=dtype, device=device, provider=provider, threads=threads, seed=seed,
+                energy=energy, out=out, plot=plot)
+    emit(r, as_json, lambda r: show_profile(r, console))
+    if r["interrupted"]:
+        raise SystemExit(130)
+
+
+@app.command("compare")
+def compare_cmd(
+    a: Annotated[str, typer.Argument(help="First preset, checkpoint or artifact.")],
+    b: Annotated[str | None, typer.Argument(help="Second target (omit with --runtime R1,R2).")] = None,
+    runtime: Annotated[str | None, typer.Option("--runtime", help="One runtime for both targets, or R1,R2 to compare "
+                                                "two runtimes on one target (outputs included).")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Compare the int8 forms (torch-int8 checkpoint, or ONNX "
+                                       "dynamic int8 for onnxruntime).")] = False,
+    prompt_len: PromptLen = 64,
+    new_tokens: NewTokens = 32,
+    batch: Batch = 1,
+    warmup: Warmup = 1,
+    runs: Runs = 5,
+    threshold: Threshold = None,
+    dtype: TorchDtype = None,
+    device: TorchDevice = None,
+    provider: Provider = None,
+    threads: Threads = None,
+    out: ReportOut = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Profile two targets (or two runtimes) under identical settings, each in a fresh process; print the table."""
+    from edgekit.profile import compare, show_compare
+
+    r = compare(a, b, runtime=runtime, int8=int8, out=out, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch,
+                warmup=warmup, runs=runs, threshold=threshold, dtype=dtype, device=device, provider=provider,
+                threads=threads)
+    emit(r, as_json, lambda r: show_compare(r, console))
+    if r["interrupted"]:
+        raise SystemExit(130)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
