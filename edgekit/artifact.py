@@ -60,6 +60,7 @@ def staging(out: Path, force: bool = False) -> Iterator[Path]:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+        tmp.chmod(0o755)  # mkdtemp makes 0700; an artifact is for others to read too
     except OSError as e:
         raise os_error(e, out) from None
     try:

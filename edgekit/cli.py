@@ -312,10 +312,96 @@ def plan(
         raise EdgekitError("plan needs a MODEL", "e.g. 'edgekit plan v3-13b --device a100-40gb', or --select --task T")
     emit(planner.plan(target, device, precision=precision, context=context, batch=batch), as_json, _show_plan)
 
+# profile and compare (issue 4): the work is in edgekit.profile ------------------------------------
+PromptLen = Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt tokens (seeded random).")]
+NewTokens = Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens generated per request.")]
+Batch = Annotated[int, typer.Option("--batch", min=1, help="Sequences per call.")]
+Warmup = Annotated[int, typer.Option("--warmup", min=0, help="Unmeasured runs first.")]
+Runs = Annotated[int, typer.Option("--runs", min=1, help="Measured runs.")]
+Threshold = Annotated[float | None, typer.Option("--threshold", help="R1 skip threshold (all gates).")]
+ProfRuntime = Annotated[str | None, typer.Option("--runtime", help="torch or onnxruntime (default: by artifact).")]
+TorchDtype = Annotated[str | None, typer.Option("--dtype", help="torch: fp32, fp16 or bf16.")]
+TorchDevice = Annotated[str | None, typer.Option("--device", help="torch: cpu, cuda or cuda:N on this machine.")]
+Provider = Annotated[str | None, typer.Option("--provider", help="onnxruntime: cpu, cuda or tensorrt.")]
+Threads = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads (intra-op).")]
+ReportOut = Annotated[Path | None, typer.Option("--out", help="Also write the JSON report to this file.")]
+
+
+@app.command("profile")
+def profile_cmd(
+    target: Target,
+    runtime: ProfRuntime = None,
+    prompt_len: PromptLen = 64,
+    new_tokens: NewTokens = 32,
+    batch: Batch = 1,
+    warmup: Warmup = 1,
+    runs: Runs = 5,
+    threshold: Threshold = None,
+    sweep: Annotated[str | None, typer.Option("--sweep-threshold", help="R1: also measure at these thresholds "
+                                              "(0,0.5,0.9,2 or START:STOP:N).")] = None,
+    workload: Annotated[str, typer.Option(help="single, or mixed: seeded requests of mixed lengths.")] = "single",
+    batching: Annotated[str, typer.Option(help="mixed workload: fixed, dynamic or both.")] = "both",
+    requests: Annotated[int, typer.Option(min=1, help="mixed workload: number of requests.")] = 16,
+    token_budget: Annotated[int | None, typer.Option("--token-budget", help="dynamic batching: rows x (prompt + "
+                                                     "new tokens) per batch (default: fixed's worst case).")] = None,
+    dtype: TorchDtype = None,
+    device: TorchDevice = None,
+    provider: Provider = None,
+    threads: Threads = None,
+    seed: Annotated[int, typer.Option(help="Seed of the prompts and the mixed workload.")] = 0,
+    energy: Annotated[bool, typer.Option(help="Measure energy where the device reports power.")] = True,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG (latency distribution, sweep, "
+                                              "batching).")] = None,
+    out: ReportOut = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Measure latency, throughput, memory, R1 skipping and energy on this machine (Ctrl-C keeps what was measured)."""
+    from edgekit.profile import profile, show_profile
+
+    r = profile(target, runtime, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, warmup=warmup, runs=runs,
+                threshold=threshold, sweep=sweep, workload=workload, batching=batching, requests=requests,
+                token_budget=token_budget, dtype=dtype, device=device, provider=provider, threads=threads, seed=seed,
+                energy=energy, out=out, plot=plot)
+    emit(r, as_json, lambda r: show_profile(r, console))
+    if r["interrupted"]:
+        raise SystemExit(130)
+
+
+@app.command("compare")
+def compare_cmd(
+    a: Annotated[str, typer.Argument(help="First preset, checkpoint or artifact.")],
+    b: Annotated[str | None, typer.Argument(help="Second target (omit with --runtime R1,R2).")] = None,
+    runtime: Annotated[str | None, typer.Option("--runtime", help="One runtime for both targets, or R1,R2 to compare "
+                                                "two runtimes on one target (outputs included).")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Compare the int8 forms (torch-int8 checkpoint, or ONNX "
+                                       "dynamic int8 for onnxruntime).")] = False,
+    prompt_len: PromptLen = 64,
+    new_tokens: NewTokens = 32,
+    batch: Batch = 1,
+    warmup: Warmup = 1,
+    runs: Runs = 5,
+    threshold: Threshold = None,
+    dtype: TorchDtype = None,
+    device: TorchDevice = None,
+    provider: Provider = None,
+    threads: Threads = None,
+    out: ReportOut = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Profile two targets (or two runtimes) under identical settings, each in a fresh process; print the table."""
+    from edgekit.profile import compare, show_compare
+
+    r = compare(a, b, runtime=runtime, int8=int8, out=out, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch,
+                warmup=warmup, runs=runs, threshold=threshold, dtype=dtype, device=device, provider=provider,
+                threads=threads)
+    emit(r, as_json, lambda r: show_compare(r, console))
+    if r["interrupted"]:
+        raise SystemExit(130)
+
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app()  # standalone: usage errors print click's message and exit 2
     except EdgekitError as e:
         if os.environ.get("EDGEKIT_DEBUG"):
             raise
@@ -324,15 +410,6 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except typer.Abort:
-        sys.exit(1)
-    except Exception as e:  # click usage errors carry their own exit codes
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,177 @@
+"""The ONNX exporter: graph structure, gates as If, validation, int8 inside If branches, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgekit import api
+from edgekit.artifact import read_manifest
+from edgekit.errors import EdgekitError
+from edgekit.resolve import resolve
+from exporters.onnx import graph_ops, iter_graphs, large_float_weights
+from exporters.spec import DecoderSpec
+from runtimes import open_runner
+
+
+def test_r1_gates_are_if_nodes_and_thresholds_an_input(onnx_r1_tiny):
+    m = read_manifest(onnx_r1_tiny)
+    cfg = resolve(onnx_r1_tiny).cfg
+    assert m["format"] == "onnx" and m["precision"] == "fp32"
+    assert graph_ops(onnx_r1_tiny / "model.onnx")["If"] == len(cfg.gated_layers)
+    model = onnx.load(str(onnx_r1_tiny / "model.onnx"), load_external_data=False)
+    inputs = {i.name: i for i in model.graph.input}
+    assert [i.name for i in model.graph.input] == DecoderSpec(cfg).input_names
+    dims = [d.dim_param or d.dim_value for d in inputs["past.0.key"].type.tensor_type.shape.dim]
+    assert dims == ["batch", cfg.n_heads, "past", cfg.head_dim]
+    assert [o.name for o in model.graph.output][-1] == "executed"
+    v = m["validation"]["fp32"]
+    assert v["passed"] and v["max_abs_diff"] <= 1e-4 and v["distinct_skip_patterns"] >= 3
+    assert {c["setting"] for c in v["cases"]} >= {"run-all", "skip-all-gated", "skip-alternate"}
+
+
+def test_one_file_runs_every_skip_pattern(onnx_r1_tiny):
+    cfg = resolve(onnx_r1_tiny).cfg
+    spec = DecoderSpec(cfg)
+    n = cfg.n_layers
+    with open_runner(onnx_r1_tiny) as ort_runner, open_runner("r1-tiny", "torch") as torch_runner:
+        for thr, expect in [(np.zeros(n), [True] * n),
+                            (np.full(n, 2.0), [i not in cfg.gated_layers for i in range(n)])]:
+            feeds = spec.dummy(1, 3, 5, seed=9, thresholds=thr.astype(np.float32))
+            got, ref = ort_runner.infer(feeds), torch_runner.infer(feeds)
+            assert got["executed"].tolist() == expect
+            assert np.abs(got["logits"] - ref["logits"]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("fixture,name", [("onnx_r1_tiny", "r1-tiny"), ("onnx_v3_tiny", "v3-tiny")])
+def test_artifact_greedy_tokens_equal_pytorch(fixture, name, request):
+    artifact = request.getfixturevalue(fixture)
+    a = api.generate(artifact, "The edge is", max_new_tokens=12)
+    b = api.generate(name, "The edge is", max_new_tokens=12)
+    assert a["runtime"] == "onnxruntime" and b["runtime"] == "torch"
+    assert a["tokens"] == b["tokens"]
+    if name == "r1-tiny":
+        c = api.generate(artifact, "The edge is", max_new_tokens=4, threshold=2.0)
+        assert c["skipped"] == 4 * 2
+
+
+def test_v3_graph_has_no_gates_and_truncates_memory(onnx_v3_tiny):
+    assert "If" not in graph_ops(onnx_v3_tiny / "model.onnx")
+    cfg = resolve(onnx_v3_tiny).cfg
+    spec = DecoderSpec(cfg)
+    with open_runner(onnx_v3_tiny) as r:
+        out = r.infer(spec.dummy(1, 4, cfg.memory_len - 1, seed=1))
+    assert out["present.0.key"].shape[2] == cfg.memory_len
+
+
+def test_int8_quantizes_inside_if_branches_once(onnx_r1_tiny_int8, onnx_r1_tiny):
+    path = onnx_r1_tiny_int8 / "model.onnx"
+    m = read_manifest(onnx_r1_tiny_int8)
+    assert m["precision"] == "int8"
+    assert large_float_weights(path) == []
+    assert large_float_weights(onnx_r1_tiny / "model.onnx", limit=8 * 1024)  # the fp32 file has them
+    model = onnx.load(str(path), load_external_data=False)
+    run_branches = [g for where, g in iter_graphs(model.graph) if where.endswith("then_branch")]
+    assert len(run_branches) == len(resolve(onnx_r1_tiny_int8).cfg.gated_layers)
+    assert all(sum(n.op_type == "MatMulInteger" for n in g.node) == 6 for g in run_branches)  # q, o, 3 MLP, relpos
+    # shared R1 weights: one int8 copy per unique block weight, not one per layer
+    int8_inits = [t.name for _, g in iter_graphs(model.graph) for t in g.initializer
+                  if t.data_type == onnx.TensorProto.INT8]
+    cfg = resolve(onnx_r1_tiny_int8).cfg
+    per_block = 7  # q, k, v, o, gate, up, down
+    assert len([n for n in int8_inits if "blocks" in n]) == per_block * cfg.unique_blocks
+    v = m["validation"]["int8"]
+    assert v["logit_cosine_mean"] >= 0.99 and 0 <= v["argmax_agreement"] <= 1
+
+
+def test_int8_size_ratio_recorded(onnx_v3_tiny_int8):
+    m = read_manifest(onnx_v3_tiny_int8)
+    s = m["size"]
+    on_disk = sum(p.stat().st_size for p in onnx_v3_tiny_int8.glob("model.onnx*"))
+    assert s["int8_bytes"] == on_disk and s["int8_over_fp32"] == round(on_disk / s["fp32_bytes"], 4)
+    assert s["int8_over_fp32"] < 0.5  # tiny: small tables weigh more; mini presets meet 26 % (bench/)
+
+
+def test_altered_or_missing_artifact_file_is_refused(onnx_v3_tiny, tmp_path):
+    copy = tmp_path / "a"
+    shutil.copytree(onnx_v3_tiny, copy)
+    data = bytearray((copy / "model.onnx.data").read_bytes())
+    data[100] ^= 0xFF
+    (copy / "model.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(EdgekitError, match="does not match its sha256"):
+        resolve(copy)
+    (copy / "model.onnx.data").unlink()
+    with pytest.raises(EdgekitError, match="missing"):
+        open_runner(copy)
+
+
+def test_unknown_format_and_existing_out(cli, tmp_path, onnx_v3_tiny):
+    code, _, err = cli("export", "v3-tiny", "--format", "onnxx", "--out", tmp_path / "x")
+    assert code == 1 and "unknown format 'onnxx'" in err and "did you mean 'onnx'" in err
+    assert not (tmp_path / "x").exists()
+    before = sorted(p.name for p in onnx_v3_tiny.iterdir())
+    code, _, err = cli("export", "v3-tiny", "--out", onnx_v3_tiny)
+    assert code == 1 and "already exists" in err and "--force" in err
+    assert sorted(p.name for p in onnx_v3_tiny.iterdir()) == before
+
+
+def test_unwritable_out(cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = cli("export", "v3-tiny", "--out", blocker / "sub")
+    assert code == 1 and err.startswith("error: cannot write") and err.count("\n") == 1
+
+
+def test_mismatched_checkpoint_is_refused(cli, tmp_path):
+    from edgekit.checkpoint import save_checkpoint
+    from edgekit.models import build
+
+    save_checkpoint(build("v3-tiny"), tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg | {"n_layers": 5}))
+    code, _, err = cli("export", tmp_path / "ck", "--out", tmp_path / "out")
+    assert code == 1 and "does not match config.json" in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "ck"]
+
+
+def test_disk_full_leaves_nothing(tmp_path):
+    """Export v3-tiny under a 256 KiB file-size limit: one-line error, exit 1, no partial directory."""
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))\n"
+        "sys.argv = ['edgekit', 'export', 'v3-tiny', '--out', sys.argv[1]]\n"
+        "from edgekit.cli import main\n"
+        "main()\n"
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "EDGEKIT_QUIET": "1"}
+    p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env,
+                       cwd=Path(__file__).parents[2], timeout=300)
+    assert p.returncode == 1, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no space left") and "Traceback" not in p.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torch_int8_quantize_round_trip(tmp_path, cli):
+    code, out, err = cli("quantize", "r1-tiny", "--out", tmp_path / "q", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["precision"] == "int8" and r["size"]["int8_over_fp32"] < 0.6
+    assert r["validation"]["int8"]["logit_cosine_mean"] >= 0.99
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("weight_int8")}
+    assert dtypes == {"I8"}
+    g = api.generate(tmp_path / "q", "hi", max_new_tokens=4)
+    assert g["runtime"] == "torch" and len(g["tokens"]) == 4
