@@ -4,7 +4,18 @@
 
 The base class does the state and input checks; an engine fills in the *_impl methods. Feeds and
 outputs are numpy arrays named as in exporters.spec.DecoderSpec, so any two runners can be compared
-on identical seeded inputs. `stepper()` adds the KV-cache loop that generation and profiling use.
+on identical seeded inputs.
+
+On top of `infer` every runner offers the same three generation entry points:
+
+    session(batch, thresholds) -> Session   prefill (first `step`) then one decode step per call,
+                                            with the runner's own KV cache
+    stepper(thresholds)        -> Step      the `edgekit.generation` interface (one sequence)
+    generate(prompt, n, ...)   -> Generated greedy / sampled generation
+
+The base Session keeps the cache as numpy arrays and calls `infer` (works for every engine); an engine
+may override `session_impl` to keep the cache on its device (torch does, so that a CUDA run does not
+copy the whole cache to the host and back for every token).
 """
 
 from __future__ import annotations
@@ -12,9 +23,39 @@ from __future__ import annotations
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.generation import Step
+from edgekit.generation import Generated, Step
+from edgekit.generation import generate as run_generation
 from edgekit.resolve import Resolved
 from exporters.spec import DecoderSpec
+
+
+class Session:
+    """A KV-cache loop over `runner.infer`: step(ids [B, S]) -> (last-position logits [B, V], executed [L] | None).
+
+    The first call is the prefill (S = prompt length), later calls decode (S = 1 usually). `length`
+    is the number of positions in the cache.
+    """
+
+    def __init__(self, runner: Runner, batch: int, thresholds=None):
+        self.runner, self.batch = runner, batch
+        self.cache = runner.spec.dummy(batch, 1, 0, thresholds=thresholds)
+        del self.cache["input_ids"]
+        self.length = 0
+
+    def check(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != self.batch or ids.shape[1] < 1:
+            raise EdgekitError(f"session step: ids must be [batch={self.batch}, seq>=1], got shape {ids.shape}")
+        return ids
+
+    def step(self, ids) -> tuple[np.ndarray, np.ndarray | None]:
+        ids = self.check(ids)
+        out = self.runner.infer({**self.cache, "input_ids": ids})
+        for past, present in zip(self.runner.spec.past_names(), self.runner.spec.present_names()):
+            self.cache[past] = out[present]
+        self.length += ids.shape[1]
+        executed = out.get("executed")
+        return out["logits"][:, -1], None if executed is None else np.asarray(executed).reshape(-1)
 
 
 class Runner:
@@ -46,6 +87,10 @@ class Runner:
     def __exit__(self, *exc) -> None:
         self.deactivate()
 
+    def describe(self) -> dict:
+        """What actually runs (dtype, device, provider...), for reports. Valid once active."""
+        return {"runtime": self.name}
+
     # inference ---------------------------------------------------------------------------------
     def input_metadata(self) -> dict[str, tuple[str, tuple]]:
         """name -> (dtype, shape with symbolic axis names)."""
@@ -58,9 +103,12 @@ class Runner:
             meta[n] = ("float32", ("batch", cfg.n_heads, axes[n][2], cfg.head_dim))
         return meta
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _check_active(self) -> None:
         if not self.is_active:
             raise EdgekitError(f"{self.name} runner is not active", "use it as a context manager")
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_active()
         expected = set(self.spec.input_names)
         missing, extra = sorted(expected - set(feeds)), sorted(set(feeds) - expected)
         if missing or extra:
@@ -69,19 +117,30 @@ class Runner:
             raise EdgekitError(f"input_ids must be [batch, seq], got shape {feeds['input_ids'].shape}")
         return self.infer_impl(feeds)
 
+    # generation --------------------------------------------------------------------------------
+    def session(self, batch: int = 1, thresholds=None) -> Session:
+        """A fresh KV cache for `batch` sequences; R1 `thresholds` (scalar or per layer) stay fixed."""
+        self._check_active()
+        if batch < 1:
+            raise EdgekitError(f"batch must be at least 1, got {batch}")
+        if thresholds is not None and not self.spec.gated:
+            thresholds = None  # V3 has no gates: nothing to pass
+        return self.session_impl(batch, thresholds)
+
     def stepper(self, thresholds=None, batch: int = 1) -> Step:
-        """A generation step with its own KV cache: first call prefill, later calls decode."""
-        cache = self.spec.dummy(batch, 1, 0, thresholds=thresholds)
-        del cache["input_ids"]
+        """A generation step with its own KV cache: first call prefill, later calls decode.
+        Each call's ids are fed to every row of the batch; the first row's logits come back."""
+        sess = self.session(batch, thresholds)
 
         def step(ids: list[int]):
-            feeds = {**cache, "input_ids": np.asarray([ids] * batch, dtype=np.int64)}
-            out = self.infer(feeds)
-            for past, present in zip(self.spec.past_names(), self.spec.present_names()):
-                cache[past] = out[present]
-            return out["logits"][0, -1], out.get("executed")
+            logits, executed = sess.step(np.asarray([list(ids)] * batch, dtype=np.int64))
+            return logits[0], executed
 
         return step
+
+    def generate(self, prompt: list[int], max_new_tokens: int, thresholds=None, temperature: float = 0.0,
+                 top_k: int = 0, seed: int = 0, stop: int | None = None) -> Generated:
+        return run_generation(self.stepper(thresholds), prompt, max_new_tokens, temperature, top_k, seed, stop)
 
     # to fill in ---------------------------------------------------------------------------------
     def activate_impl(self) -> None:
@@ -89,6 +148,9 @@ class Runner:
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def session_impl(self, batch: int, thresholds) -> Session:
+        return Session(self, batch, thresholds)
 
     def deactivate_impl(self) -> None:
         pass

@@ -1,14 +1,52 @@
-"""ONNX Runtime: CPU, and the CUDA / TensorRT execution providers where the install has them."""
+"""ONNX Runtime: CPU, and the CUDA / TensorRT execution providers where the install has them.
+
+Options: provider ("cpu" | "cuda" | "tensorrt"), threads (intra-op), iobinding (keep the KV cache in
+OrtValues on the provider's device between steps; on by default for cuda/tensorrt). A GPU provider is
+listed with the CPU provider as fallback, as ONNX Runtime recommends; `describe()` reports what the
+session actually got.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from runtimes.base import Runner
+from runtimes.base import Runner, Session
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
+INSTALL_HINT = {"cuda": "pip install onnxruntime-gpu (CUDA 12 build) on a machine with an NVIDIA GPU",
+                "tensorrt": "pip install onnxruntime-gpu and TensorRT on a machine with an NVIDIA GPU"}
+
+
+class BoundSession(Session):
+    """KV cache kept in OrtValues on the provider's device (IOBinding): only the logits come back."""
+
+    def __init__(self, runner: OnnxRuntimeRunner, batch: int, thresholds=None):
+        import onnxruntime as ort
+
+        super().__init__(runner, batch, thresholds)
+        dev = runner.io_device
+        self.values = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), dev, 0)
+                       for n, v in self.cache.items()}
+        self.cache = None
+
+    def step(self, ids) -> tuple[np.ndarray, np.ndarray | None]:
+        ids = self.check(ids)
+        r = self.runner
+        binding = r.ort_session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        for name, value in self.values.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in r.output_names:
+            binding.bind_output(name, "cpu" if name in ("logits", "executed") else r.io_device)
+        r.ort_session.run_with_iobinding(binding)
+        out = dict(zip(r.output_names, binding.get_outputs()))
+        for past, present in zip(r.spec.past_names(), r.spec.present_names()):
+            self.values[past] = out[present]
+        self.length += ids.shape[1]
+        executed = out["executed"].numpy().reshape(-1) if "executed" in out else None
+        return out["logits"].numpy()[:, -1], executed
 
 
 class OnnxRuntimeRunner(Runner):
@@ -20,22 +58,39 @@ class OnnxRuntimeRunner(Runner):
         if self.resolved.kind != "onnx":
             raise EdgekitError(f"onnxruntime runs ONNX artifacts; {self.resolved.name} is a {self.resolved.kind}",
                                "export it first: edgekit export MODEL --format onnx --out DIR")
-        provider = self.options.get("provider", "cpu")
+        provider = self.options.get("provider") or "cpu"
         if provider not in PROVIDERS:
             raise EdgekitError(f"unknown provider '{provider}'", f"use one of {', '.join(PROVIDERS)}")
         available = ort.get_available_providers()
         if PROVIDERS[provider] not in available:
-            raise EdgekitError(f"this onnxruntime has no {PROVIDERS[provider]} (available: {', '.join(available)})",
-                               "install onnxruntime-gpu on a CUDA machine, or use --provider cpu")
+            raise EdgekitError(f"this onnxruntime ({ort.__version__}) has no {PROVIDERS[provider]} "
+                               f"(available: {', '.join(available)})",
+                               f"{INSTALL_HINT.get(provider, '')}, or use --provider cpu".lstrip(", "))
         so = ort.SessionOptions()
         if self.options.get("threads"):
             so.intra_op_num_threads = int(self.options["threads"])
         path = self.resolved.path / self.resolved.manifest.get("model_file", "model.onnx")
-        self.session = ort.InferenceSession(str(path), so, providers=[PROVIDERS[provider]])
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+        self.provider = provider
+        self.ort_session = ort.InferenceSession(str(path), so, providers=providers)
+        self.output_names = [o.name for o in self.ort_session.get_outputs()]
+        self.io_device = "cpu" if provider == "cpu" else "cuda"
+        use = self.options.get("iobinding")
+        self.iobinding = (provider != "cpu") if use is None else bool(use)
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        so = self.ort_session.get_session_options()
+        return {"runtime": self.name, "provider": self.provider, "providers_active": self.ort_session.get_providers(),
+                "precision": self.resolved.manifest.get("precision", "fp32"), "onnxruntime": ort.__version__,
+                "threads": so.intra_op_num_threads or None, "iobinding": self.iobinding}
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        return dict(zip(self.output_names, self.ort_session.run(self.output_names, feeds)))
+
+    def session_impl(self, batch: int, thresholds) -> Session:
+        return BoundSession(self, batch, thresholds) if self.iobinding else Session(self, batch, thresholds)
 
     def deactivate_impl(self) -> None:
-        del self.session
+        del self.ort_session

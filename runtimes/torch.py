@@ -1,13 +1,47 @@
-"""PyTorch runtime: presets and checkpoints, fp32 / fp16 / bf16, CPU or CUDA."""
+"""PyTorch runtime: presets and checkpoints (fp32 / fp16 / bf16, and the torch-int8 checkpoint from
+`edgekit quantize`), on CPU or CUDA.
+
+Options: dtype ("fp32" | "fp16" | "bf16"), device ("cpu" | "cuda" | "cuda:N"), threads (CPU intra-op).
+The KV-cache session keeps the cache as tensors on the device; only the last position's logits (and
+R1's executed flags) come back to the host each step, which also synchronises CUDA for timing.
+"""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from runtimes.base import Runner
+from runtimes.base import Runner, Session
 
 DTYPES = ("fp32", "fp16", "bf16")
+
+
+class TorchSession(Session):
+    def __init__(self, runner: TorchRunner, batch: int, thresholds=None):
+        import torch
+
+        self.runner, self.batch, self.length = runner, batch, 0
+        model = runner.model
+        self.past = model.empty_past(batch, runner.device, runner.act_dtype)
+        self.thresholds = None
+        if runner.spec.gated:
+            thr = runner.cfg.default_threshold if thresholds is None else thresholds
+            thr = np.broadcast_to(np.asarray(thr, np.float32), (runner.cfg.n_layers,)).copy()
+            self.thresholds = torch.from_numpy(thr).to(runner.device)
+
+    def step(self, ids) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        ids = self.check(ids)
+        r = self.runner
+        with torch.inference_mode():
+            logits, self.past, executed = r.model(torch.from_numpy(ids).to(r.device), self.past, self.thresholds)
+            last = logits[:, -1].float().cpu().numpy()
+            flags = executed.cpu().numpy().reshape(-1) if r.spec.gated else None
+        self.length += ids.shape[1]
+        return last, flags
 
 
 class TorchRunner(Runner):
@@ -16,23 +50,47 @@ class TorchRunner(Runner):
     def activate_impl(self) -> None:
         import torch
 
-        dtype = self.options.get("dtype", "fp32")
-        device = self.options.get("device", "cpu")
+        dtype = self.options.get("dtype") or "fp32"
+        device = self.options.get("device") or "cpu"
         if dtype not in DTYPES:
             raise EdgekitError(f"torch runtime: unknown dtype '{dtype}'", f"use one of {', '.join(DTYPES)}")
+        if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+            raise EdgekitError(f"torch runtime: unknown device '{device}'", "use cpu, cuda or cuda:N")
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise EdgekitError("torch runtime: CUDA requested but no CUDA GPU is visible", "use --device cpu")
+            raise EdgekitError("torch runtime: CUDA requested but no CUDA GPU is visible "
+                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})",
+                               "use --device cpu, or install a CUDA build of torch on a GPU machine")
         if self.options.get("threads"):
             torch.set_num_threads(int(self.options["threads"]))
+        given = self.resolved.model is not None
+        model = self.resolved.load_model()
+        self.quantized = bool(getattr(model, "quantized", False))
+        if self.quantized and (dtype != "fp32" or device != "cpu"):
+            raise EdgekitError(f"{self.resolved.name} is a torch-int8 checkpoint: it runs in fp32 on the CPU only "
+                               "(torch's dynamic int8 Linear is a CPU kernel)",
+                               "drop --dtype/--device, or profile the fp32 model on the GPU")
+        self.dtype_name, self.device = dtype, torch.device(device)
         self.torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        self.device = torch.device(device)
-        self.model = self.resolved.load_model().to(self.device, self.torch_dtype)
+        if given and (dtype != "fp32" or device != "cpu"):
+            model = copy.deepcopy(model)  # never convert a caller's model in place
+        self.model = model if self.quantized else model.to(self.device, self.torch_dtype)
+        # int8 Linears return fp32 whatever comes in: the cache follows the embedding's dtype
+        self.act_dtype = self.model.embed.weight.dtype
+
+    def describe(self) -> dict:
+        import torch
+
+        d = {"runtime": self.name, "dtype": self.dtype_name, "device": str(self.device),
+             "threads": torch.get_num_threads(), "precision": "int8" if self.quantized else self.dtype_name}
+        if self.device.type == "cuda":
+            d["cuda_device"] = torch.cuda.get_device_name(self.device)
+        return d
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         def t(name, dtype=None):
-            return torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device, dtype or self.torch_dtype)
+            return torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device, dtype or self.act_dtype)
 
         past = [(t(k), t(v)) for k, v in zip(self.spec.past_names()[::2], self.spec.past_names()[1::2])]
         thr = t("thresholds", torch.float32) if self.spec.gated else None
@@ -47,5 +105,12 @@ class TorchRunner(Runner):
             out["executed"] = executed.cpu().numpy()
         return out
 
+    def session_impl(self, batch: int, thresholds) -> TorchSession:
+        return TorchSession(self, batch, thresholds)
+
     def deactivate_impl(self) -> None:
+        import torch
+
         del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
