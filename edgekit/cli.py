@@ -399,6 +399,19 @@ def compare_cmd(
         raise SystemExit(130)
 
 
+@app.command("build-engine")
+def build_engine(
+    target: Annotated[str, typer.Argument(help="TensorRT artifact (export --format tensorrt) or installed bundle.")],
+    force: Annotated[bool, typer.Option("--force", help="Build even for a recipe made for another GPU (SM) or "
+                                        "TensorRT version, or over an existing engine.")] = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Build the TensorRT engine on this device from the artifact's recipe (needs TensorRT and a GPU)."""
+    from exporters.tensorrt import build_engine as build
+
+    emit(build(target, force=force), as_json)
+
+
 def main() -> None:
     try:
         app()  # standalone: usage errors print click's message and exit 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgekit.errors import EdgekitError, unknown_name
+from edgekit.errors import unknown_name
 
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
 
@@ -29,6 +29,6 @@ def open_runner(target: str | Path, runtime: str | None = None, **options):
         from runtimes.onnxruntime import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(res, **options)
-    from runtimes.tensorrt import TensorRTRunner  # noqa: F401  (lands with the TensorRT issue)
+    from runtimes.tensorrt import TensorRTRunner
 
-    raise EdgekitError("the tensorrt runtime is not available yet")
+    return TensorRTRunner(res, **options)
