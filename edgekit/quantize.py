@@ -61,7 +61,9 @@ def load_int8(model: CausalLM, state: dict[str, torch.Tensor]) -> CausalLM:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, Int8Linear(q, scale, bias))
-    model.load_state_dict(state, strict=False, assign=True)
+    for name, t in state.items():  # the rest (embedding, norms, tables, gates) stays fp32
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, leaf, nn.Parameter(t, requires_grad=False))
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         from edgekit.errors import EdgekitError

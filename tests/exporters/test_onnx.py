@@ -134,6 +134,7 @@ def test_mismatched_checkpoint_is_refused(cli, tmp_path):
     from edgekit.checkpoint import save_checkpoint
     from edgekit.models import build
 
+    (tmp_path / "ck").mkdir()
     save_checkpoint(build("v3-tiny"), tmp_path / "ck")
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg | {"n_layers": 5}))
