@@ -70,7 +70,7 @@ MIB, GIB = 1 << 20, 1 << 30
 def refuse_int8() -> EdgekitError:
     return EdgekitError(
         "--int8 is ONNX Runtime's dynamic int8 (DynamicQuantizeLinear / MatMulInteger), which TensorRT cannot parse",
-        "for a TensorRT target use fp16 (the default) or --int4 (int4 weight-only, block 128, explicit Q/DQ; "
+        "for a TensorRT target use fp16 (the default) or --precision int4 (weight-only, block 128, explicit Q/DQ; "
         "TensorRT 10+ on sm_80+); dynamic int8 is for --format onnx on CPUs")
 
 
@@ -152,12 +152,23 @@ def _walk(graph, where="main", types=None, consts=None):
 
 
 def _with_types(model):
+    """The model with inferred value types (for the type and condition checks). Large initializers are left
+    out of the copy handed to shape inference (types and dims stay; their values are not needed, and a model
+    over 2 GiB could not be serialized for it); small ones (shape vectors) stay so shapes still propagate."""
     import onnx
 
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    for g in _graphs_of(light):
+        for t in g.initializer:
+            if t.HasField("raw_data") and len(t.raw_data) > 4096:
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                t.external_data.add(key="location", value="omitted-for-type-inference")
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        return onnx.shape_inference.infer_shapes(light, strict_mode=False)
     except Exception:  # shape inference is best effort here; missing types are reported as unknown
-        return model
+        return light
 
 
 def check_ops(model, tensorrt: str, topk_k_bound: int | None = None) -> dict:

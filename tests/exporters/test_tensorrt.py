@@ -357,7 +357,7 @@ def test_int8_on_tensorrt_is_refused_naming_what_works():
     with pytest.raises(EdgekitError) as e:
         T.check_precision("int8", profiles.load("a100-40gb"))
     msg = str(e.value)
-    assert "DynamicQuantizeLinear" in msg and "fp16" in msg and "--int4" in msg
+    assert "DynamicQuantizeLinear" in msg and "fp16" in msg and "--precision int4" in msg
 
 
 def test_int4_is_refused_where_tensorrt_10_or_ampere_is_missing():
