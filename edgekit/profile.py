@@ -401,7 +401,8 @@ def profile(target: str | Path, runtime: str | None = None, *, prompt_len: int =
     if energy:
         from edgekit.telemetry import power_meter
 
-        meter, energy_reason = power_meter(info)
+        index = int(str(device).split(":")[1]) if str(device or "").startswith("cuda:") else 0
+        meter, energy_reason = power_meter(info, gpu_index=index)
     modes = [m for m in ("fixed", "dynamic") if batching in (m, "both")] if workload == "mixed" else []
     lengths = mixed_requests(requests, prompt_len, seed) if modes else []
     budget = token_budget or batch * (max(lengths) + new_tokens) if modes else None

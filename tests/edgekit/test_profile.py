@@ -221,6 +221,15 @@ def test_compare_two_runtimes_with_outputs(onnx_r1_tiny, capsys):
     assert "argmax agreement 100.00%" in shown and "B vs A" in shown
 
 
+def test_int8_variants(onnx_v3_tiny, onnx_v3_tiny_int8, tmp_path):
+    assert prof._int8_variant(str(onnx_v3_tiny_int8), "onnxruntime", tmp_path, print) == str(onnx_v3_tiny_int8)
+    with pytest.raises(EdgekitError, match="fp32 onnx artifact"):
+        prof._int8_variant(str(onnx_v3_tiny), "onnxruntime", tmp_path, print)
+    q = prof._int8_variant("v3-tiny", "torch", tmp_path, print)
+    r = prof.profile(q, "torch", **SMALL, roofline=False)
+    assert r["size"]["precision"] == "int8" and r["target"]["kind"] == "checkpoint"
+
+
 def test_profile_torch_cuda():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

@@ -102,11 +102,7 @@ def test_torch_runner_does_not_convert_a_callers_model():
 def test_torch_int8_checkpoint(tmp_path):
     from edgekit import api
 
-    try:
-        out = api.quantize("r1-tiny", tmp_path / "q")
-    except KeyError as e:  # edgekit.quantize.load_int8: torch.ao's dynamic Linear wants a 'scale' key on load
-        pytest.xfail(f"edgekit quantize is broken on torch {__import__('torch').__version__} (KeyError {e}); "
-                     "reported to the owner of edgekit/quantize.py")
+    out = api.quantize("r1-tiny", tmp_path / "q")
     with open_runner(out["out"], "torch") as q:
         assert q.describe()["precision"] == "int8"
         logits, _ = run_session(q, 0.5, steps=2)
