@@ -542,3 +542,12 @@ def test_export_r1_tiny_int4_weight_only(tmp_path, reuse_graph):
     assert v["vs_fp32"]["passed"]  # the int4 fidelity floor (random weights: cosine; argmax is reported)
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert T.check_ops(graph, "10.3")["ok"] and not T.check_ops(graph, "8.6.2")["ok"]
+
+
+@pytest.mark.slow
+def test_int4_fidelity_floor_fails_loudly_and_says_the_graph_is_right(tmp_path, reuse_graph):
+    from edgekit.models import build
+
+    with pytest.raises(EdgekitError, match="int4 fidelity: validation failed: logit cosine .* < 0.9999 \\(the graph "
+                                           "itself matches PyTorch with the stored weights"):
+        T.export(build("r1-tiny"), tmp_path, "jetson-agx-orin-64gb", precision="int4", min_cosine=0.9999)
