@@ -8,10 +8,13 @@ from edgekit.errors import EdgekitError
 
 
 def list_models() -> list[dict]:
+    from edgekit.checkpoint import read_config
     from edgekit.models import PRESETS, build, param_counts
+    from edgekit.resolve import REFERENCE
 
+    shipped = {name: read_config(path) for name, path in REFERENCE.items() if path.is_dir()}
     rows = []
-    for name, cfg in PRESETS.items():
+    for name, cfg in {**PRESETS, **shipped}.items():
         counts = param_counts(build(cfg, device="meta"))
         rows.append({"name": name, "family": cfg.family, "params_total": counts["total"],
                      "params_unique": counts["unique"], "layers": cfg.n_layers, "d_model": cfg.d_model,
@@ -77,13 +80,14 @@ def _dir_bytes(directory: Path, pattern: str = "model.onnx*") -> int:
 
 
 def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, force: bool = False,
-           min_cosine: float = 0.99, tolerance: float = 1e-4, device: str | None = None,
+           min_cosine: float | None = None, tolerance: float = 1e-4, device: str | None = None,
            context: int | None = None, precision: str | None = None) -> dict:
     """Export a preset/checkpoint to an artifact directory; validation failures fail the export.
 
     onnx: fp32 graph validated against PyTorch (max abs diff <= tolerance on every output, several
     shapes and skip patterns); with int8, ORT dynamic int8 inside the If branches and a logit-cosine
-    fidelity floor. tensorrt: delegated to exporters.tensorrt (recipe + TensorRT-ready ONNX).
+    fidelity floor (min_cosine, default 0.99). tensorrt: delegated to exporters.tensorrt (TensorRT-ready
+    ONNX + build recipe; min_cosine defaults to the precision's own floor there).
     """
     from edgekit.artifact import staging, write_manifest
     from edgekit.errors import unknown_name
@@ -103,9 +107,11 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
             import exporters.tensorrt as trt_exporter
 
             fields = trt_exporter.export(model, tmp, device=device, context=context,
-                                         precision=precision or ("int8" if int8 else "fp16"))
+                                         precision=precision or ("int8" if int8 else "fp16"),
+                                         min_cosine=min_cosine)
         else:
-            fields = _export_onnx(res, model, tmp, int8, min_cosine, tolerance, progress)
+            fields = _export_onnx(res, model, tmp, int8, 0.99 if min_cosine is None else min_cosine, tolerance,
+                                  progress)
         manifest = write_manifest(tmp, model=res.name, family=res.cfg.family, source=str(res.path or res.name),
                                   **fields)
     return {k: v for k, v in manifest.items() if k != "files"} | {"out": str(out), "files": sorted(manifest["files"])}

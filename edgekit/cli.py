@@ -99,7 +99,8 @@ def export(
     device: Annotated[str | None, typer.Option(help="Target device profile (tensorrt).")] = None,
     context: Annotated[int | None, typer.Option(help="Context length to plan for (tensorrt).")] = None,
     precision: Annotated[str | None, typer.Option(help="TensorRT precision (default fp16).")] = None,
-    min_cosine: Annotated[float, typer.Option("--min-cosine", help="Fail int8 below this logit cosine.")] = 0.99,
+    min_cosine: Annotated[float | None, typer.Option("--min-cosine", help="Fail below this logit cosine (default "
+                                                     "0.99 for onnx int8; tensorrt: fp16 0.999, int4 0.95).")] = None,
     force: Force = False,
     as_json: JsonOut = False,
 ) -> None:
@@ -117,6 +118,13 @@ def export(
     if "int8" in v:
         console.print(f"int8: size {r['size']['int8_over_fp32']:.1%} of fp32, logit cosine "
                       f"{v['int8']['logit_cosine_mean']:.5f}, argmax agreement {v['int8']['argmax_agreement']:.1%}")
+    for name, rep in v.get("onnxruntime_cpu", {}).items():
+        console.print(f"validated in ONNX Runtime ({name.replace('_', ' ')}): logit cosine "
+                      f"{rep['logit_cosine_mean']:.5f}, argmax agreement {rep['argmax_agreement']:.1%}")
+    if "engine" in r:
+        e = r["engine"]
+        why = f" ({e['why']}; {e['how']})" if e.get("why") else ""
+        console.print(f"engine: {e.get('status')}{why}", markup=False)
 
 
 @app.command()

@@ -782,7 +782,7 @@ def install(file: str | Path, dest: str | Path, public_key: str | Path | None = 
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; an installed bundle is readable like any directory
             _extract(file, tmp, manifest["files"])
             _compare(f"{file} (as extracted)", manifest["files"], _installed_hashes(tmp, manifest["files"]))
-            engine = _build_engine(tmp, manifest)
+            engine = _build_engine(tmp, manifest, force)
     except OSError as e:  # disk full and the like while extracting; staging removes the temporary directory
         raise os_error(e, dest) from None
     return {"installed": str(dest), "model": manifest.get("model"), "device": compat.get("device"),
@@ -791,7 +791,7 @@ def install(file: str | Path, dest: str | Path, public_key: str | Path | None = 
             "settings": settings}
 
 
-def _build_engine(directory: Path, manifest: dict) -> str:
+def _build_engine(directory: Path, manifest: dict, force: bool = False) -> str:
     """On a TensorRT target with TensorRT present, build the engine once, at install."""
     if manifest["settings"].get("runtime") != "tensorrt":
         return "not needed"
@@ -804,7 +804,10 @@ def _build_engine(directory: Path, manifest: dict) -> str:
     except ImportError:
         return "not built: TensorRT is not installed (built at first run)"
     recipe = directory / "trt_recipe.json"
-    build_engine(directory, recipe if recipe.is_file() else None)
+    try:
+        build_engine(directory, recipe if recipe.is_file() else None, force=force)
+    except EdgekitError as e:  # no GPU, another SM / TensorRT: the install stands, the engine waits
+        return f"not built: {e}"
     return "built"
 
 
