@@ -48,8 +48,13 @@ def generate(target: str | Path, prompt: str, max_new_tokens: int = 16, threshol
 
     if max_new_tokens < 1:
         raise EdgekitError("--max-new-tokens must be at least 1")
-    tok = ByteTokenizer()
     runner = open_runner(target, runtime, **runner_options)
+    if runner.cfg.family.startswith("hf-"):
+        from edgekit.hf import HFTokenizer
+
+        tok = HFTokenizer(runner.resolved.path, runner.cfg)
+    else:
+        tok = ByteTokenizer()
     if threshold is not None and not runner.spec.gated:
         raise EdgekitError(f"--threshold applies to R1 models; {runner.cfg.name} is {runner.cfg.family.upper()}")
     ids = tok.encode(prompt)
@@ -102,7 +107,12 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
         raise EdgekitError(f"{target} is a torch-int8 checkpoint", "export the fp32 model; --int8 quantizes the graph")
     out = Path(out)
     with staging(out, force) as tmp:
-        _write_common(tmp, res.cfg)
+        if res.kind == "hf":
+            from edgekit.hf import write_side_files
+
+            write_side_files(tmp, res.path)
+        else:
+            _write_common(tmp, res.cfg)
         if fmt == "tensorrt":
             import exporters.tensorrt as trt_exporter
 

@@ -9,10 +9,13 @@ from pathlib import Path
 from edgekit.errors import EdgekitError
 from edgekit.models import PRESETS, ModelConfig, preset
 
+# Trained reference checkpoints shipped inside the package (bench/train_reference.py writes them)
+REFERENCE = {name: Path(__file__).resolve().parent / "checkpoints" / name for name in ("v3-ref", "r1-ref")}
+
 
 @dataclass
 class Resolved:
-    kind: str  # "preset" | "checkpoint" | "onnx" | "engine"
+    kind: str  # "preset" | "checkpoint" | "hf" | "onnx" | "engine"
     name: str
     cfg: ModelConfig
     path: Path | None = None
@@ -34,6 +37,10 @@ class Resolved:
             return build(self.cfg)
         if self.kind == "checkpoint":
             return load_checkpoint(self.path)
+        if self.kind == "hf":
+            from edgekit.hf import load
+
+            return load(self.path)
         raise EdgekitError(f"{self.path} is an exported {self.kind} artifact, not a PyTorch model",
                            "pass a preset name or a checkpoint directory")
 
@@ -43,6 +50,8 @@ def resolve(target: str | Path) -> Resolved:
     from edgekit.checkpoint import read_config
 
     path = Path(target)
+    if not path.exists() and str(target) in REFERENCE:
+        path = REFERENCE[str(target)]
     if not path.exists():
         if str(target) in PRESETS or "/" not in str(target):
             cfg = preset(str(target))  # raises 'unknown model' with the nearest match
@@ -50,8 +59,13 @@ def resolve(target: str | Path) -> Resolved:
         raise EdgekitError(f"{target} does not exist", "pass a preset name (see 'edgekit models') or a directory")
     if not path.is_dir():
         raise EdgekitError(f"{target} is a file", "pass the artifact or checkpoint directory that contains it")
+    from edgekit.hf import is_hf_dir, read_hf_config
+
     manifest = read_manifest(path) if (path / MANIFEST).is_file() else {}
-    cfg = read_config(path)
+    hf = is_hf_dir(path)  # a Hugging Face model directory, or an artifact exported from one
+    cfg = read_hf_config(path, manifest.get("model")) if hf else read_config(path)
+    if hf and not manifest:
+        return Resolved("hf", cfg.name, cfg, path)
     kind = manifest.get("format", "checkpoint")
     if kind not in ("checkpoint", "onnx", "engine", "tensorrt"):
         raise EdgekitError(f"{path}: unknown artifact format '{kind}'")

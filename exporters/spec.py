@@ -12,11 +12,16 @@ from edgekit.models import ModelConfig
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    cfg: ModelConfig
+    cfg: ModelConfig  # or any config with the same fields (edgekit.hf.HFConfig for Hugging Face models)
 
     @property
     def gated(self) -> bool:
         return self.cfg.family == "r1"
+
+    @property
+    def value_dim(self) -> int:
+        """Last dim of the value cache: head_dim, except where the config says otherwise (MLA's latent cache)."""
+        return getattr(self.cfg, "value_dim", self.cfg.head_dim)
 
     def past_names(self) -> list[str]:
         return [f"past.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
@@ -49,5 +54,6 @@ class DecoderSpec:
             thr = cfg.default_threshold if thresholds is None else thresholds
             feeds["thresholds"] = np.broadcast_to(np.asarray(thr, np.float32), (cfg.n_layers,)).copy()
         for n in self.past_names():
-            feeds[n] = rng.standard_normal((batch, cfg.n_heads, past, cfg.head_dim)).astype(np.float32)
+            dim = self.value_dim if n.endswith(".value") else cfg.head_dim
+            feeds[n] = rng.standard_normal((batch, cfg.n_heads, past, dim)).astype(np.float32)
         return feeds

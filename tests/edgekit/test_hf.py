@@ -1,0 +1,135 @@
+"""Hugging Face model directories: tiny random Qwen2 / Llama built in code (no downloads), exported
+once per session with edgekit's own exporter and compared with transformers itself."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+torch = pytest.importorskip("torch")
+
+from edgekit import api  # noqa: E402
+from edgekit.errors import EdgekitError  # noqa: E402
+
+WORDS = ["<s>", "</s>", "<unk>", *"the a edge kit model runs on every device fast small big int8 onnx graph".split()]
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
+
+
+def _tokenizer(directory) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
+
+
+def _hf_dir(root, arch: str):
+    torch.manual_seed({"qwen2": 0, "llama": 1}[arch])
+    cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[arch]
+    model = transformers.AutoModelForCausalLM.from_config(cls(**COMMON))
+    # larger random weights than the init's std 0.02, so logits are not near-ties
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    d = root / arch
+    model.save_pretrained(d, safe_serialization=True)
+    _tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """arch -> (HF dir, fp32 ONNX artifact)."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for arch in ("qwen2", "llama"):
+        d = _hf_dir(root, arch)
+        art = root / f"{arch}-onnx"
+        api.export(d, "onnx", art)
+        out[arch] = (d, art)
+    return out
+
+
+def _reference(d):
+    return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, use_safetensors=True).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_export_validates_and_matches_transformers(hf_models, arch):
+    from runtimes import open_runner
+
+    d, art = hf_models[arch]
+    manifest = json.loads((art / "manifest.json").read_text())
+    v = manifest["validation"]["fp32"]
+    assert manifest["family"] == f"hf-{arch}" and v["passed"]
+    assert v["max_abs_diff"] <= 1e-4 and v["argmax_agreement"] == 1.0
+    # seeded random input through ONNX Runtime vs transformers' own forward
+    ids = np.random.default_rng(7).integers(0, COMMON["vocab_size"], (2, 12), dtype=np.int64)
+    ref = _reference(d)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids)).logits.numpy()
+    with open_runner(art) as runner:
+        feeds = runner.spec.dummy(2, 1, 0)
+        got = runner.infer({**feeds, "input_ids": ids})["logits"]
+    assert np.abs(got - want).max() < 1e-4
+    assert (got.argmax(-1) == want.argmax(-1)).mean() == 1.0
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_onnxruntime_greedy_equals_transformers_generate(hf_models, arch):
+    from runtimes import open_runner
+
+    d, art = hf_models[arch]
+    prompt = [0, 5, 9, 17, 42, 3]
+    n = 20
+    ref = _reference(d)
+    with torch.no_grad():
+        seq = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=1,
+                           pad_token_id=1)[0, len(prompt):].tolist()
+    with open_runner(art) as runner:
+        ours = runner.generate(prompt, n, stop=1).tokens
+    assert ours == seq, (ours, seq)
+
+
+def test_generate_text_from_dir_and_artifact(hf_models):
+    d, art = hf_models["qwen2"]
+    a = api.generate(d, "the edge model runs", max_new_tokens=6)
+    b = api.generate(art, "the edge model runs", max_new_tokens=6)
+    assert a["runtime"] == "torch" and b["runtime"] == "onnxruntime"
+    assert a["tokens"] == b["tokens"] and a["text"] == b["text"]
+    assert (art / "tokenizer.json").is_file()
+
+
+def test_int8_export_quantizes_every_large_weight(hf_models, tmp_path):
+    from exporters.onnx import large_float_weights
+
+    d, _ = hf_models["llama"]
+    r = api.export(d, "onnx", tmp_path / "int8", int8=True)
+    assert r["precision"] == "int8" and r["validation"]["int8"]["passed"]
+    assert large_float_weights(tmp_path / "int8" / "model.onnx") == []
+    assert r["size"]["int8_over_fp32"] < 0.45
+
+
+def test_unsupported_model_type_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    with pytest.raises(EdgekitError) as e:
+        api.export(tmp_path, "onnx", tmp_path / "out")
+    msg = str(e.value)
+    assert "gpt2" in msg and "qwen2, llama, deepseek_v3" in msg
+
+
+def test_pickled_weights_refused_and_missing_library_named(tmp_path, monkeypatch):
+    from edgekit import hf
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", **COMMON}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(EdgekitError, match="safetensors"):
+        hf.load(tmp_path)
+    with pytest.raises(EdgekitError, match=r"pip install 'edgekit\[hf\]'"):
+        hf._require("transformers_not_installed_here")
