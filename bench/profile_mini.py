@@ -4,6 +4,8 @@
    same settings; reports every repeat's decode p50 / tokens/s and their spread (min, median, max, CV).
 2. Compare: r1-mini vs v3-mini under identical settings, torch fp32; then int8 (torch-int8 checkpoints from
    `edgekit quantize`, and ONNX Runtime dynamic int8 if both mini ONNX int8 exports are given/found).
+   Each table is `edgekit compare` run ROUNDS times (A, B, A, B, ...: the load of a shared machine drifts)
+   and reports the median per side.
 3. Dynamic batching: r1-mini, a seeded mixed-length workload batched in arrival order vs length-aware
    under a token budget; the measured dynamic/fixed throughput ratio, whatever it is.
 
@@ -51,29 +53,50 @@ def spread(values: list[float]) -> dict:
             "max_over_min": max(values) / min(values) if min(values) else None}
 
 
-def try_compare(label: str, **kwargs) -> dict:
-    log(f"compare {label}")
+def compare_rounds(label: str, a: str, b: str, rounds: int, **kwargs) -> dict:
+    """`edgekit compare a b` `rounds` times (so A and B alternate: ABAB..., each in a fresh process) and the
+    median of each metric per side; every round's numbers are kept."""
+    log(f"compare {label}: {rounds} round(s)")
+    per_round = []
     try:
-        r = prof.compare(**kwargs)
-        return {"label": label, "rows": r.get("rows"), "labels": r["labels"],
-                "profiles": [slim(p) for p in r["profiles"]], "interrupted": r["interrupted"]}
-    except (EdgekitError, KeyError, RuntimeError) as e:  # recorded, not hidden: e.g. a broken quantizer
+        for i in range(rounds):
+            log(f"  round {i + 1}/{rounds}")
+            per_round.append(prof.compare(a, b, **kwargs))
+    except (EdgekitError, KeyError, RuntimeError) as e:  # recorded, not hidden
         log(f"  {label} failed: {type(e).__name__}: {e}")
         return {"label": label, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
+    rows = []
+    for first in per_round[0]["rows"]:
+        got = [next(r for r in rnd["rows"] if r["metric"] == first["metric"]) for rnd in per_round]
+        va = [r["a"] for r in got if r["a"] is not None]
+        vb = [r["b"] for r in got if r["b"] is not None]
+        row = {"metric": first["metric"], "unit": first["unit"], "better": first["better"],
+               "a": statistics.median(va) if va else None, "b": statistics.median(vb) if vb else None,
+               "a_rounds": va, "b_rounds": vb}
+        if row["a"] and row["b"] is not None:
+            row["difference_pct"] = 100.0 * (row["b"] - row["a"]) / row["a"]
+        rows.append(row)
+    return {"label": label, "rounds": rounds, "labels": per_round[0]["labels"], "rows": rows,
+            "profiles_round_1": [slim(p) for p in per_round[0]["profiles"]]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny presets, few tokens: a smoke test of this script")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="repeated r1-mini profiles for the spread")
+    ap.add_argument("--rounds", type=int, default=3, help="compare rounds (A and B alternate), medians reported")
     ap.add_argument("--onnx-int8", nargs=2, metavar=("R1DIR", "V3DIR"), default=None,
                     help="mini ONNX int8 exports to compare with onnxruntime (default: /tmp/r1m, /tmp/v3m if both are)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads for torch and onnxruntime (default 1: on an oversubscribed machine torch's "
+                         "default threads wait on descheduled OpenMP workers, see the plan-vs-measured section)")
     ap.add_argument("--out", type=Path, default=RESULTS / "profile_mini.json")
     args = ap.parse_args()
 
     r1, v3 = ("r1-tiny", "v3-tiny") if args.quick else ("r1-mini", "v3-mini")
     settings = dict(prompt_len=16, new_tokens=4, warmup=1, runs=2) if args.quick else \
         dict(prompt_len=64, new_tokens=16, warmup=1, runs=3)
+    settings["threads"] = args.threads
     info = device.identify()
     result = {"script": "bench/profile_mini.py", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": {"cpu": info["cpu"], "memory_gib": info["memory_gib"], "cuda": info["cuda"],
@@ -100,15 +123,23 @@ def main() -> None:
                         **{k: spread([x[k] for x in reps]) for k in ("decode_ms_p50", "decode_tokens_per_s",
                                                                      "ttft_ms_p50", "peak_rss_delta_mib")}}
 
-    # 2. compare tables: fp32, torch int8, onnxruntime int8
-    result["compare"] = [try_compare(f"{r1} vs {v3}, torch fp32", a=r1, b=v3, runtime="torch", **settings),
-                         try_compare(f"{r1} vs {v3}, torch int8 (edgekit quantize)", a=r1, b=v3, runtime="torch",
-                                     int8=True, **settings)]
+    # 2. compare tables: fp32, torch int8 (quantized once, then compared as checkpoints), onnxruntime int8
+    import tempfile
+
+    from edgekit import api
+
+    rounds = 1 if args.quick else args.rounds
+    cmp = dict(rounds=rounds, runtime="torch", **settings)
+    result["compare"] = [compare_rounds(f"{r1} vs {v3}, torch fp32", r1, v3, **cmp)]
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-int8-") as tmp:
+        log("quantizing both to torch int8 (edgekit quantize)")
+        q1, q3 = (api.quantize(m, Path(tmp) / m)["out"] for m in (r1, v3))
+        result["compare"].append(compare_rounds(f"{r1} vs {v3}, torch int8 (edgekit quantize)", q1, q3, **cmp))
     onnx = args.onnx_int8 or (["/tmp/r1m", "/tmp/v3m"] if all(Path(p, "manifest.json").is_file()
                                                               for p in ("/tmp/r1m", "/tmp/v3m")) else None)
     if onnx and not args.quick:
-        result["compare"].append(try_compare(f"{r1} vs {v3}, onnxruntime ({', '.join(onnx)})", a=onnx[0], b=onnx[1],
-                                             runtime="onnxruntime", **settings))
+        result["compare"].append(compare_rounds(f"{r1} vs {v3}, onnxruntime int8 ({', '.join(onnx)})", onnx[0],
+                                                onnx[1], **{**cmp, "runtime": "onnxruntime"}))
     else:
         result["compare"].append({"label": "onnxruntime int8", "error": "skipped: no mini ONNX exports of both "
                                   "models were available (pass --onnx-int8 R1DIR V3DIR)"})
@@ -117,7 +148,8 @@ def main() -> None:
     log(f"dynamic batching: {r1}")
     work_settings = dict(prompt_len=16, new_tokens=4, batch=2, requests=6) if args.quick else \
         dict(prompt_len=64, new_tokens=16, batch=4, requests=16)
-    w = prof.profile_isolated(r1, "torch", warmup=0, runs=2, workload="mixed", batching="both", **work_settings)
+    w = prof.profile_isolated(r1, "torch", warmup=0, runs=2, workload="mixed", batching="both", threads=args.threads,
+                              **work_settings)
     result["dynamic_batching"] = {"model": r1, **work_settings, "workload": w["workload"],
                                   "dynamic_over_fixed": w["workload"].get("dynamic_over_fixed")}
     result["machine"]["load_average_after"] = os.getloadavg()
@@ -149,7 +181,7 @@ def plot(result: dict, path: Path) -> None:
     labels, r1v, v3v = [], [], []
     for c in rows:
         by = {r["metric"]: r for r in c["rows"]}
-        labels.append(c["label"].split(", ", 1)[1])
+        labels.append(c["label"].split(", ", 1)[1].split(" (")[0])
         r1v.append(by["decode throughput"]["a"])
         v3v.append(by["decode throughput"]["b"])
     x = range(len(labels))
@@ -158,7 +190,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_xticks(list(x), labels)
     ax2.set_ylabel("decode tokens/s")
     ax2.legend()
-    ax2.set_title("compare (same settings, fresh process each)")
+    ax2.set_title(f"compare: median of {rows[0]['rounds'] if rows else 0} alternating rounds")
     w = result["dynamic_batching"]["workload"]
     modes = [m for m in ("fixed", "dynamic") if m in w]
     ax3.bar(modes, [w[m]["generated_tokens_per_s"] for m in modes], color=["#4c72b0", "#55a868"])
