@@ -147,6 +147,12 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
     with reference, OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, fp32_dir)) as fp32_runner, \
             progress("validating fp32 graph against PyTorch", n_cases) as advance:
         validation = onnx_exporter.validate(reference, fp32_runner, spec, tolerance=tolerance, advance=advance)
+        if res.kind == "hf":  # MoE: inputs that reach every routed expert, graph == PyTorch on them
+            from edgekit.hf import check_experts
+
+            experts = check_experts(model, fp32_runner, spec, tolerance)
+            if experts:
+                validation["experts"] = experts
     fields = {"format": "onnx", "precision": "fp32", "model_file": onnx_exporter.MODEL_FILE,
               "opset": onnx_exporter.OPSET, "inputs": spec.input_names, "outputs": spec.output_names,
               "dynamic_axes": spec.dynamic_axes(), "validation": {"fp32": validation},

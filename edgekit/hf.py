@@ -133,31 +133,23 @@ def dense_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
     the same result as transformers' data-dependent dispatch, but a static graph with no expert left out."""
     n, e = hidden_states.shape[0], experts.num_experts
     weights = torch.zeros(n, e, dtype=top_k_weights.dtype, device=hidden_states.device)
-    weights = weights.scatter(1, top_k_index, top_k_weights)  # [tokens, experts]
-    gate, up = torch.einsum("td,efd->etf", hidden_states, experts.gate_up_proj).chunk(2, dim=-1)
-    out = torch.einsum("eti,edi->etd", experts.act_fn(gate) * up, experts.down_proj)  # [experts, tokens, d]
-    return torch.einsum("etd,te->td", out, weights.to(out.dtype)).to(hidden_states.dtype)
+    weights = weights.scatter(1, top_k_index, top_k_weights).t().unsqueeze(-1)  # [experts, tokens, 1]
+    gate, up = torch.matmul(hidden_states.unsqueeze(0), experts.w_gate_up).chunk(2, dim=-1)  # [E, T, I] each
+    out = torch.matmul(experts.act_fn(gate) * up, experts.w_down)  # [experts, tokens, d]
+    return (out * weights.to(out.dtype)).sum(0).to(hidden_states.dtype)
 
 
 class _DenseExperts(nn.Module):
-    """Wraps a transformers experts module (3-D gate_up_proj / down_proj) with the dense forward."""
+    """Replaces a transformers experts module (3-D gate_up_proj [E, 2I, d] / down_proj [E, d, I]) by the dense
+    forward, with the weights stored [E, in, out] so the graph is a plain batched MatMul on an initializer
+    (no run-time Transpose, no Einsum): ONNX Runtime's dynamic quantizer then turns them into int8."""
 
     def __init__(self, experts: nn.Module):
         super().__init__()
-        self.inner = experts
         self.num_experts = experts.num_experts
-
-    @property
-    def gate_up_proj(self):
-        return self.inner.gate_up_proj
-
-    @property
-    def down_proj(self):
-        return self.inner.down_proj
-
-    @property
-    def act_fn(self):
-        return self.inner.act_fn
+        self.act_fn = experts.act_fn
+        self.w_gate_up = nn.Parameter(experts.gate_up_proj.detach().transpose(1, 2).contiguous())
+        self.w_down = nn.Parameter(experts.down_proj.detach().transpose(1, 2).contiguous())
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return dense_experts_forward(self, hidden_states, top_k_index, top_k_weights)
@@ -207,6 +199,52 @@ class HFCausalLM(nn.Module):
                       position_ids=pos[None].expand(b, s), use_cache=True, **{self.cache_kw: cache})
         presents = [(layer.keys, layer.values) for layer in cache.layers]
         return out.logits, presents, torch.ones(self.cfg.n_layers, dtype=torch.bool, device=input_ids.device)
+
+
+def check_experts(model: HFCausalLM, candidate, spec, tolerance: float = 1e-4, max_inputs: int = 8) -> dict | None:
+    """MoE: feed seeded [4, 32] inputs until every routed expert of every MoE layer has been selected
+    (routing counts from the PyTorch router), and require the graph's logits to match PyTorch's on all
+    of them. A graph that dropped or froze an expert differs on the tokens routed to it, so this fails
+    the export instead of warning. None for a model without routed experts."""
+    import numpy as np
+
+    gates = [layer.mlp.gate for layer in getattr(model.hf.model, "layers", []) if hasattr(layer.mlp, "gate")]
+    if not gates:
+        return None
+    n_exp = gates[0].num_experts
+    counts = torch.zeros(len(gates), n_exp, dtype=torch.long)
+
+    def hook(j):
+        def record(_module, _args, out):
+            counts[j] += torch.bincount(out[-1].reshape(-1).cpu(), minlength=n_exp)
+        return record
+
+    handles = [g.register_forward_hook(hook(j)) for j, g in enumerate(gates)]
+    worst, used = 0.0, 0
+    try:
+        for used in range(1, max_inputs + 1):
+            feeds = spec.dummy(4, 32, 0, seed=300 + used)
+            with torch.no_grad():
+                want = model(torch.from_numpy(feeds["input_ids"]))[0].float().numpy()
+            got = candidate.infer(feeds)["logits"]
+            diff = float(np.abs(got.astype(np.float64) - want).max())
+            worst = max(worst, diff)
+            if diff > tolerance:
+                raise EdgekitError(f"validation failed: MoE logits differ by {diff:.3g} > {tolerance:g} on inputs "
+                                   "that reach every expert", "the exported graph dropped or froze an expert")
+            if bool((counts > 0).all()):
+                break
+    finally:
+        for h in handles:
+            h.remove()
+    missing = (counts == 0).nonzero().tolist()
+    if missing:
+        layer, expert = missing[0]
+        raise EdgekitError(f"validation: {len(missing)} routed expert(s) never selected on {used} seeded inputs "
+                           f"(e.g. MoE layer {layer} expert {expert}), so the graph cannot be shown to keep them",
+                           "this is an edgekit limitation: report it with the model config")
+    return {"moe_layers": len(gates), "experts": n_exp, "inputs": used, "min_tokens_per_expert": int(counts.min()),
+            "max_abs_diff": worst, "passed": True}
 
 
 class HFTokenizer:

@@ -133,3 +133,81 @@ def test_pickled_weights_refused_and_missing_library_named(tmp_path, monkeypatch
         hf.load(tmp_path)
     with pytest.raises(EdgekitError, match=r"pip install 'edgekit\[hf\]'"):
         hf._require("transformers_not_installed_here")
+
+
+# DeepSeek-V3 architecture: MLA (compressed latent KV cache) + MoE (16 routed experts, top-2, one shared)
+DSV3 = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+            first_k_dense_replace=0, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
+            num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=32,
+            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256, bos_token_id=0,
+            eos_token_id=1)
+
+
+@pytest.fixture(scope="session")
+def dsv3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dsv3")
+    torch.manual_seed(2)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.DeepseekV3Config(**DSV3))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    d = root / "dsv3"
+    model.save_pretrained(d, safe_serialization=True)
+    _tokenizer(d)
+    api.export(d, "onnx", root / "onnx")
+    return d, root / "onnx"
+
+
+def test_deepseek_v3_export_reaches_every_expert_and_matches_transformers(dsv3):
+    from runtimes import open_runner
+
+    d, art = dsv3
+    v = json.loads((art / "manifest.json").read_text())["validation"]["fp32"]
+    assert v["passed"] and v["max_abs_diff"] <= 1e-4 and v["argmax_agreement"] == 1.0
+    assert v["experts"]["experts"] == 16 and v["experts"]["moe_layers"] == 2
+    assert v["experts"]["min_tokens_per_expert"] >= 1 and v["experts"]["passed"]
+    ref = _reference(d)  # transformers' own (data-dependent) expert dispatch
+    ids = np.random.default_rng(11).integers(0, 256, (2, 16), dtype=np.int64)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids)).logits.numpy()
+    prompt = [0, 7, 3, 12, 9]
+    with torch.no_grad():
+        seq = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=1,
+                           pad_token_id=1)[0, len(prompt):].tolist()
+    with open_runner(art) as runner:
+        got = runner.infer({**runner.spec.dummy(2, 1, 0), "input_ids": ids})["logits"]
+        ours = runner.generate(prompt, 16, stop=1).tokens
+    assert np.abs(got - want).max() < 1e-4 and (got.argmax(-1) == want.argmax(-1)).mean() == 1.0
+    assert ours == seq, (ours, seq)
+    with open_runner(d) as runner:  # MLA's compressed cache: 1 latent head, kv_lora_rank / qk_rope_head_dim
+        k, v = runner.model.empty_past(1)[0]
+        assert k.shape[1:] == (1, 0, 16) and v.shape[1:] == (1, 0, 8)
+
+
+def test_dropped_expert_fails_the_export(dsv3, tmp_path):
+    """What optimum's tracer does silently (an expert missing from the graph) must fail edgekit's check.
+    The graph is the exported one with expert 5 of layer 1 zeroed, as if the tracer had dropped it."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgekit.hf import check_experts
+    from edgekit.resolve import Resolved, resolve
+    from exporters.onnx import save_external
+    from runtimes.onnxruntime import OnnxRuntimeRunner
+
+    d, art = dsv3
+    proto = onnx.load(str(art / "model.onnx"))
+    [init] = [t for t in proto.graph.initializer if "layers.1.mlp.experts.w_down" in t.name]
+    w = numpy_helper.to_array(init).copy()
+    w[5] = 0
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    (tmp_path / "broken").mkdir()
+    save_external(proto, tmp_path / "broken" / "model.onnx")
+    res = resolve(d)
+    model = res.load_model()
+    with OnnxRuntimeRunner(Resolved("onnx", "broken", res.cfg, tmp_path / "broken")) as runner:
+        with pytest.raises(EdgekitError, match="dropped or froze an expert"):
+            check_experts(model, runner, runner.spec)
+        with OnnxRuntimeRunner(Resolved("onnx", "ok", res.cfg, art)) as good:
+            assert check_experts(model, good, good.spec)["passed"]
