@@ -27,6 +27,12 @@ def model_info(target: str | Path) -> dict:
     from edgekit.resolve import resolve
 
     res = resolve(target)
+    if res.cfg.family.startswith("hf-"):  # a Hugging Face directory (or an artifact exported from one)
+        from edgekit.hf import weight_counts
+
+        return {"name": res.name, "kind": res.kind, "path": str(res.path or ""), "config": res.cfg.to_dict(),
+                **({"params": weight_counts(res.path)} if res.kind == "hf" else {}),
+                **({"manifest": {k: v for k, v in res.manifest.items() if k != "files"}} if res.manifest else {})}
     model = build(res.cfg, device="meta")
     counts = param_counts(model)
     breakdown = {"embedding": model.embed.weight.numel(),

@@ -247,6 +247,28 @@ def check_experts(model: HFCausalLM, candidate, spec, tolerance: float = 1e-4, m
             "max_abs_diff": worst, "passed": True}
 
 
+def weight_counts(directory: Path) -> dict:
+    """Parameter counts from the *.safetensors headers (no weights are read): total, and for MoE the
+    routed-expert share and the parameters active per token."""
+    from safetensors import safe_open
+
+    total = experts = 0
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                n = 1
+                for dim in st.get_slice(name).get_shape():
+                    n *= dim
+                total += n
+                experts += n if ".mlp.experts." in name else 0
+    out = {"total": total}
+    raw = raw_config(directory) or {}
+    if experts and raw.get("n_routed_experts"):
+        out.update(routed_experts=experts,
+                   active=total - experts + experts * raw.get("num_experts_per_tok", 1) // raw["n_routed_experts"])
+    return out
+
+
 class HFTokenizer:
     """tokenizer.json through the `tokenizers` library; BOS/EOS ids from config.json."""
 

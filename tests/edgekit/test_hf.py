@@ -211,3 +211,12 @@ def test_dropped_expert_fails_the_export(dsv3, tmp_path):
             check_experts(model, runner, runner.spec)
         with OnnxRuntimeRunner(Resolved("onnx", "ok", res.cfg, art)) as good:
             assert check_experts(model, good, good.spec)["passed"]
+
+
+def test_info_counts_total_and_active_parameters_from_safetensors_headers(dsv3):
+    info = api.model_info(dsv3[0])
+    per_layer = 16 * (2 * 32 * 64 + 64 * 32)  # routed experts: gate_up [E, 2I, d] + down [E, d, I]
+    p = info["params"]
+    assert info["kind"] == "hf" and info["config"]["family"] == "hf-deepseek_v3"
+    assert p["routed_experts"] == 2 * per_layer
+    assert p["active"] == p["total"] - p["routed_experts"] + p["routed_experts"] * 2 // 16
