@@ -83,11 +83,12 @@ def test_int8_quantizes_inside_if_branches_once(onnx_r1_tiny_int8, onnx_r1_tiny)
     assert len(run_branches) == len(resolve(onnx_r1_tiny_int8).cfg.gated_layers)
     assert all(sum(n.op_type == "MatMulInteger" for n in g.node) == 6 for g in run_branches)  # q, o, 3 MLP, relpos
     # shared R1 weights: one int8 copy per unique block weight, not one per layer
-    int8_inits = [t.name for _, g in iter_graphs(model.graph) for t in g.initializer
-                  if t.data_type == onnx.TensorProto.INT8]
+    int8_weights = [t.name for _, g in iter_graphs(model.graph) for t in g.initializer
+                    if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("weight_quantized")]
     cfg = resolve(onnx_r1_tiny_int8).cfg
-    per_block = 7  # q, k, v, o, gate, up, down
-    assert len([n for n in int8_inits if "blocks" in n]) == per_block * cfg.unique_blocks
+    per_block = 8  # q, k, v, o, relpos gate, MLP gate, up, down
+    block_weights = [n for n in int8_weights if ".blocks." in n]
+    assert len(block_weights) == len(set(block_weights)) == per_block * cfg.unique_blocks
     v = m["validation"]["int8"]
     assert v["logit_cosine_mean"] >= 0.99 and 0 <= v["argmax_agreement"] <= 1
 
