@@ -5,7 +5,8 @@ Five tasks, each at three difficulty levels, as short text problems for the byte
     copy      "copy hbqe="        -> "hbqe"         letters; length by level
     reverse   "rev hbqe="         -> "eqbh"
     sort      "sort 3141="        -> "1134"         digits
-    add       "add 123+45="       -> "168"          operand digits by level; answer most significant first
+    add       "add 123+045="      -> "0168"         operands zero-padded to the level's width, the answer
+                                                    to one digit more; most significant digit first
     brackets  "bal ([)]="         -> "no"           "()[]", balanced or not (half each); length by level
 
 The model sees [BOS] prompt answer [EOS]; training puts the loss on the answer and EOS only.
@@ -33,12 +34,14 @@ LEVELS = ("easy", "medium", "hard")
 TEST_SEED = 20240808  # the held-out split; never change it, recorded floors depend on it
 TEST_PER_CELL = 64  # held-out problems per (task, level): 960 in all
 
-# per task and level: (min, max) length of the string, or digits per operand for "add"
+# per task and level: (min, max) length of the string, or digits per operand for "add". Zero-padding
+# the sums to a fixed width puts each digit at a fixed distance from the digits it depends on, which a
+# relative-position model can learn; unpadded, a 2,500-step v3-ref got 25% of 2-digit sums and 0% of longer ones.
 LENGTHS: dict[str, dict[str, tuple[int, int]]] = {
     "copy": {"easy": (2, 4), "medium": (5, 8), "hard": (9, 14)},
     "reverse": {"easy": (2, 4), "medium": (5, 8), "hard": (9, 14)},
     "sort": {"easy": (2, 4), "medium": (5, 7), "hard": (8, 11)},
-    "add": {"easy": (1, 2), "medium": (3, 3), "hard": (4, 5)},
+    "add": {"easy": (2, 2), "medium": (3, 3), "hard": (4, 5)},
     "brackets": {"easy": (4, 8), "medium": (10, 12), "hard": (14, 18)},  # even lengths only
 }
 PREFIX = {"copy": "copy ", "reverse": "rev ", "sort": "sort ", "add": "add ", "brackets": "bal "}
@@ -66,10 +69,6 @@ def _letters(rng: random.Random, n: int) -> str:
 
 def _digits(rng: random.Random, n: int) -> str:
     return "".join(rng.choice(string.digits) for _ in range(n))
-
-
-def _number(rng: random.Random, digits: int) -> int:
-    return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
 
 
 def balanced(s: str) -> bool:
@@ -126,9 +125,8 @@ def make_problem(rng: random.Random, task: str, level: str) -> Problem:
         s = _digits(rng, n)
         body, answer = s, "".join(sorted(s))
     elif task == "add":
-        a, b = _number(rng, n), _number(rng, rng.randint(lo, n))
-        a, b = (a, b) if rng.random() < 0.5 else (b, a)
-        body, answer = f"{a}+{b}", str(a + b)
+        a, b = rng.randrange(10**n), rng.randrange(10**n)
+        body, answer = f"{a:0{n}d}+{b:0{n}d}", f"{a + b:0{n + 1}d}"
     elif task == "brackets":
         n += n % 2
         ok = rng.random() < 0.5
@@ -165,23 +163,21 @@ def held_out_prompts() -> frozenset[str]:
     return frozenset(p.prompt for p in test_split())
 
 
-def training_problems(seed: int, weights: dict[str, float] | None = None) -> Iterator[Problem]:
-    """An endless seeded stream over every (task, level), never yielding a held-out prompt.
-
-    `weights` per level (default uniform) lets a recipe see hard problems more often."""
+def training_problems(seed: int, levels: Iterable[str] = LEVELS) -> Iterator[Problem]:
+    """An endless seeded stream, uniform over the tasks and `levels`, never yielding a held-out prompt."""
     rng = random.Random(seed)
     held = held_out_prompts()
-    weights = weights or {lv: 1.0 for lv in LEVELS}
-    levels, w = list(weights), list(weights.values())
+    levels = list(levels)
     while True:
-        task, level = rng.choice(TASKS), rng.choices(levels, w)[0]
+        task, level = rng.choice(TASKS), rng.choice(levels)
         p = make_problem(rng, task, level)
         if p.prompt not in held:
             yield p
 
 
 def sample(problems: Iterable[Problem], per_cell: int) -> list[Problem]:
-    """The first `per_cell` problems of every (task, level), in order."""
+    """The first `per_cell` problems of every (task, level), in order (stops once every cell is full,
+    so an endless stream is fine)."""
     count: dict[tuple[str, str], int] = {}
     out = []
     for p in problems:
@@ -189,6 +185,8 @@ def sample(problems: Iterable[Problem], per_cell: int) -> list[Problem]:
         if count.get(k, 0) < per_cell:
             count[k] = count.get(k, 0) + 1
             out.append(p)
+            if len(out) == per_cell * len(TASKS) * len(LEVELS):
+                break
     return out
 
 
