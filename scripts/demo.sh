@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EK=.venv/bin/edgekit
-MODEL=${EDGEKIT_DEMO_MODEL:-r1-tiny}
+MODEL=${EDGEKIT_DEMO_MODEL:-r1-ref}   # the trained reference R1 shipped in the package
 OUT=${EDGEKIT_DEMO_OUT:-out/demo}
 mkdir -p "$OUT"
 step() { printf '\n== %s\n' "$*"; }
@@ -13,12 +13,12 @@ step() { printf '\n== %s\n' "$*"; }
 step "models"
 $EK models
 step "generate with $MODEL in PyTorch"
-$EK generate "$MODEL" --prompt "Hello, edge" --max-new-tokens 12
+$EK generate "$MODEL" --prompt "sort 83751=" --max-new-tokens 12
 step "export $MODEL to ONNX, int8 dynamic (validated against PyTorch)"
 $EK export "$MODEL" --format onnx --int8 --out "$OUT/onnx-int8" --force
 step "generate from the artifact in ONNX Runtime: gates open, then every gated layer skipped"
-$EK generate "$OUT/onnx-int8" --prompt "Hello, edge" --max-new-tokens 12 --threshold 0
-$EK generate "$OUT/onnx-int8" --prompt "Hello, edge" --max-new-tokens 12 --threshold 2
+$EK generate "$OUT/onnx-int8" --prompt "sort 83751=" --max-new-tokens 12 --threshold 0
+$EK generate "$OUT/onnx-int8" --prompt "sort 83751=" --max-new-tokens 12 --threshold 2
 step "plan $MODEL and r1-8.5b for a Jetson Orin Nano 8GB (estimate)"
 $EK plan "$MODEL" --device jetson-orin-nano-8gb --precision fp16
 $EK plan r1-8.5b --device jetson-orin-nano-8gb || true   # does not fit: the plan says what would
@@ -29,4 +29,4 @@ step "package, verify, install and run a signed bundle"
 $EK package "$OUT/onnx-int8" --device cpu --sign-key "$OUT/keys/edgekit.key" --out "$OUT/$MODEL.tar.gz" --force
 $EK verify "$OUT/$MODEL.tar.gz" --public-key "$OUT/keys/edgekit.pub"
 $EK install "$OUT/$MODEL.tar.gz" --dest "$OUT/installed" --public-key "$OUT/keys/edgekit.pub" --force
-$EK run "$OUT/installed" --prompt "Hello, edge" --max-new-tokens 12
+$EK run "$OUT/installed" --prompt "sort 83751=" --max-new-tokens 12
