@@ -145,6 +145,33 @@ def quantize(
                   f"{v['logit_cosine_mean']:.5f}, argmax agreement {v['argmax_agreement']:.1%}")
 
 
+@app.command("calibrate-skip")
+def calibrate_skip_cmd(
+    target: Annotated[Path, typer.Argument(help="Hugging Face model directory (qwen2, llama, deepseek_v3).")],
+    data: Annotated[Path, typer.Option("--data", help="Calibration text (plain UTF-8), tokenized in chunks.")],
+    out: OutDir,
+    layers: Annotated[str | None, typer.Option(help="Layers to gate, comma-separated (default: all).")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration chunk.")] = 128,
+    max_ppl_increase: Annotated[float, typer.Option("--max-ppl-increase", help="Default threshold: the largest "
+                                                    "whose held-out perplexity rises at most this much.")] = 0.05,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Set the default threshold yourself.")] = None,
+    force: Force = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Fit per-layer skip gates on calibration text; write a gated checkpoint (export keeps them as If)."""
+    from edgekit.calibrate import calibrate_skip, parse_layers
+
+    r = calibrate_skip(target, data, out, layers=parse_layers(layers), seq_len=seq_len,
+                       max_ppl_increase=max_ppl_increase, threshold=threshold, force=force)
+    if as_json:
+        emit(r, True)
+        return
+    c = r["chosen"]
+    say(f"wrote {r['out']}: {len(r['gated_layers'])} gated layers, default threshold {r['default_threshold']:.4g} "
+        f"(held-out perplexity {c['ppl']:.4g}, {c['ppl_increase']:+.1%}; {c['layers_skipped_mean']:.2f} layers "
+        "skipped per call)")
+
+
 # --- IoT bundles (edgekit.package): keygen, package, verify, install, run --------------------------
 
 PublicKey = Annotated[Path | None, typer.Option("--public-key", help="ed25519 public key (edgekit.pub); "

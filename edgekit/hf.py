@@ -22,7 +22,8 @@ from edgekit.errors import EdgekitError
 SUPPORTED = ("qwen2", "llama", "deepseek_v3")
 INSTALL = "pip install 'edgekit[hf]'"
 # files an artifact keeps from the source directory (tokenizer, chat template, generation defaults)
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+              "skip_gates.json")  # the last: gated layers + default threshold of a calibrate-skip model
 
 
 def _require(module: str):
@@ -107,7 +108,10 @@ def read_hf_config(directory: Path, name: str | None = None) -> HFConfig:
     d = raw_config(directory)
     if d is None:
         raise EdgekitError(f"{directory}: config.json has no model_type", "not a Hugging Face model directory")
-    return HFConfig.from_raw(d, name or Path(directory).resolve().name)
+    cfg = HFConfig.from_raw(d, name or Path(directory).resolve().name)
+    from edgekit.calibrate import gated_config  # a directory written by 'edgekit calibrate-skip'
+
+    return gated_config(cfg, directory)
 
 
 def load(directory: Path) -> HFCausalLM:
@@ -125,6 +129,10 @@ def load(directory: Path) -> HFCausalLM:
                                                                use_safetensors=True, attn_implementation="eager")
     except (OSError, ValueError) as e:
         raise EdgekitError(f"cannot load {directory}: {str(e).splitlines()[0]}") from None
+    if cfg.gated_layers:  # skip gates from 'edgekit calibrate-skip'
+        from edgekit.calibrate import load_gated
+
+        return load_gated(hf.eval(), cfg, directory)
     return HFCausalLM(hf.eval(), cfg)
 
 

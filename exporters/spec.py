@@ -16,7 +16,7 @@ class DecoderSpec:
 
     @property
     def gated(self) -> bool:
-        return self.cfg.family == "r1"
+        return self.cfg.family == "r1" or bool(getattr(self.cfg, "gated_layers", ()))  # + calibrate-skip HF models
 
     @property
     def value_dim(self) -> int:
