@@ -47,7 +47,8 @@ def model_info(target: str | Path) -> dict:
 
 def generate(target: str | Path, prompt: str, max_new_tokens: int = 16, threshold: float | None = None,
              temperature: float = 0.0, top_k: int = 0, seed: int = 0, runtime: str | None = None,
-             **runner_options) -> dict:
+             chat: bool = False, **runner_options) -> dict:
+    """Continue `prompt`, or with chat=True answer it as a user message rendered by the model's chat template."""
     from edgekit.generation import generate as run_generation
     from edgekit.tokenizer import ByteTokenizer
     from runtimes import open_runner
@@ -61,9 +62,16 @@ def generate(target: str | Path, prompt: str, max_new_tokens: int = 16, threshol
         tok = HFTokenizer(runner.resolved.path, runner.cfg)
     else:
         tok = ByteTokenizer()
+        if chat:
+            raise EdgekitError(f"{runner.cfg.name} has no chat template (edgekit's presets use a byte tokenizer)",
+                               "use --prompt TEXT, or a Hugging Face model directory with a chat template")
     if threshold is not None and not runner.spec.gated:
         raise EdgekitError(f"--threshold applies to R1 models; {runner.cfg.name} is {runner.cfg.family.upper()}")
-    ids = tok.encode(prompt)
+    rendered = None
+    if chat:
+        rendered, ids = tok.chat(prompt)
+    else:
+        ids = tok.encode(prompt)
     if len(ids) + max_new_tokens > runner.cfg.max_seq_len:
         raise EdgekitError(f"prompt + new tokens ({len(ids) + max_new_tokens}) exceed the context "
                            f"({runner.cfg.max_seq_len})", "shorten the prompt or --max-new-tokens")
@@ -71,7 +79,8 @@ def generate(target: str | Path, prompt: str, max_new_tokens: int = 16, threshol
         g = run_generation(runner.stepper(threshold), ids, max_new_tokens, temperature, top_k, seed,
                            stop=tok.eos_id)
     return {"model": runner.cfg.name, "runtime": runner.name, "prompt": prompt, "text": tok.decode(g.tokens),
-            "tokens": g.tokens, "layer_slots": g.layer_slots, "layer_runs": g.layer_runs, "skipped": g.skipped}
+            "tokens": g.tokens, "layer_slots": g.layer_slots, "layer_runs": g.layer_runs, "skipped": g.skipped,
+            **({"chat_prompt": rendered} if chat else {})}
 
 
 FORMATS = ("onnx", "tensorrt")

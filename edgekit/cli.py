@@ -69,7 +69,9 @@ def info(target: Target, as_json: JsonOut = False) -> None:
 @app.command()
 def generate(
     target: Target,
-    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Text to continue.")] = None,
+    chat: Annotated[str | None, typer.Option("--chat", help="A user message, rendered with the model's chat "
+                                             "template (Hugging Face models) and answered.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 16,
     threshold: Annotated[float | None, typer.Option("--threshold", help="R1 skip threshold (all gates).")] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
@@ -79,8 +81,11 @@ def generate(
     as_json: JsonOut = False,
 ) -> None:
     """Generate text with a preset, checkpoint or exported artifact."""
-    r = api.generate(target, prompt, max_new_tokens=max_new_tokens, threshold=threshold,
-                     temperature=temperature, top_k=top_k, seed=seed, runtime=runtime)
+    if (prompt is None) == (chat is None):
+        raise EdgekitError("generate needs one of --prompt or --chat", "--prompt TEXT continues text; --chat MESSAGE "
+                           "answers it through the model's chat template")
+    r = api.generate(target, prompt if chat is None else chat, max_new_tokens=max_new_tokens, threshold=threshold,
+                     temperature=temperature, top_k=top_k, seed=seed, runtime=runtime, chat=chat is not None)
     if as_json:
         emit(r, True)
         return
@@ -289,7 +294,8 @@ def devices(as_json: JsonOut = False) -> None:
 
 
 def _show_plan(r: dict) -> None:
-    short = {"precision": "prec", "weights_gib": "weights", "kv_cache_gib": "KV", "activations_gib": "act",
+    short = {"precision": "prec", "weights_gib": "weights", "kv_cache_gib": "KV",
+             "kv_cache_decompressed_gib": "KV decompressed", "activations_gib": "act",
              "overhead_gib": "overhead", "total_gib": "total", "margin_gib": "margin", "fits": "fits",
              "max_context": "max ctx", "prefill_s": "prefill s", "decode_tokens_per_s": "decode tok/s",
              "decode_tokens_per_s_if_60pct_skipped": "tok/s 60% skip"}
@@ -299,6 +305,13 @@ def _show_plan(r: dict) -> None:
     console.print(f"[bold]{r['label']}[/bold]: {r['model']} on {r['device']} ({r['device_title']}, "
                   f"{r['device_gib']:g} GiB), {r['context']} tokens x batch {r['batch']}; memory in GiB",
                   highlight=False)
+    params, kv = r["params"], r["kv_cache"]
+    active = f", {params['active'] / 1e9:.2f} B active per token (MoE)" if "active" in params else ""
+    console.print(f"parameters: {params['unique'] / 1e9:.2f} B{active}; KV cache: {kv['fp16_bytes_per_token']:,} "
+                  f"fp16 bytes per token ({kv['basis']})", markup=False, highlight=False)
+    if "decompressed" in kv:
+        console.print(f"  decompressed K/V would be {kv['decompressed']['fp16_bytes_per_token']:,} fp16 bytes per "
+                      f"token ({kv['decompressed']['basis']})", markup=False, highlight=False)
     console.print(table_of(rows, [c for c in short.values() if c in rows[0]]))
     console.print(f"[bold]recommendation:[/bold] {r['recommendation']}", highlight=False)
     for title, lines in (("device", r["device_notes"]), ("assumptions", r["assumptions"])):

@@ -277,10 +277,15 @@ def weight_counts(directory: Path) -> dict:
     return out
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer transformers save the template here, not in tokenizer_config.json
+
+
 class HFTokenizer:
-    """tokenizer.json through the `tokenizers` library; BOS/EOS ids from config.json."""
+    """tokenizer.json through the `tokenizers` library; BOS/EOS ids from config.json; the chat template
+    (chat_template.jinja, or tokenizer_config.json's `chat_template`) rendered by transformers."""
 
     def __init__(self, directory: Path, cfg: HFConfig):
+        self.directory = Path(directory)
         path = Path(directory) / "tokenizer.json"
         if not path.is_file():
             raise EdgekitError(f"{directory}: no tokenizer.json", "copy the model's tokenizer.json into the directory")
@@ -297,9 +302,55 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def _tokenizer_config(self) -> dict:
+        path = self.directory / "tokenizer_config.json"
+        if not path.is_file():
+            return {}
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise EdgekitError(f"cannot read {path}: {e}") from None
+        return d if isinstance(d, dict) else {}
+
+    def chat_template(self) -> str | None:
+        """The default chat template: chat_template.jinja, else tokenizer_config.json's `chat_template`
+        (a string, or a list of {name, template} of which the one named 'default' is used)."""
+        jinja = self.directory / CHAT_TEMPLATE_FILE
+        if jinja.is_file():
+            return jinja.read_text()
+        t = self._tokenizer_config().get("chat_template")
+        if isinstance(t, list):
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+        return t if isinstance(t, str) and t.strip() else None
+
+    def chat(self, message: str) -> tuple[str, list[int]]:
+        """(rendered text, ids) of one user message through the model's chat template with the generation
+        prompt appended, rendered by transformers' apply_chat_template. The template writes the special
+        tokens itself (BOS included), so the text is encoded without adding any."""
+        template = self.chat_template()
+        if template is None:
+            raise EdgekitError(f"{self.directory.name} has no chat template (no chat_template in "
+                               "tokenizer_config.json)", "use --prompt TEXT to continue plain text")
+        transformers = _require("transformers")
+        config = self._tokenizer_config()
+        special = {}
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            v = config.get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                special[key] = v
+        tok = transformers.PreTrainedTokenizerFast(tokenizer_object=self.tok, **special)
+        try:
+            text = tok.apply_chat_template([{"role": "user", "content": message}], chat_template=template,
+                                           add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja2's TemplateError, or the template's own raise_exception()
+            raise EdgekitError(f"{self.directory.name}: its chat template failed: {str(e).splitlines()[0]}",
+                               "check chat_template in tokenizer_config.json") from None
+        return text, self.tok.encode(text, add_special_tokens=False).ids
+
 
 def write_side_files(dst: Path, src: Path) -> None:
     """config.json (the Hugging Face one, verbatim) and the tokenizer files into an artifact."""
-    for name in ("config.json", *SIDE_FILES):
+    for name in ("config.json", *SIDE_FILES, CHAT_TEMPLATE_FILE):
         if (Path(src) / name).is_file():
             shutil.copyfile(Path(src) / name, Path(dst) / name)

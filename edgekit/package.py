@@ -8,7 +8,8 @@ A bundle is a gzip'd tar of regular files only (no directories, no links), in th
     bundle.sig       optional: an ed25519 signature over the exact bytes of bundle.json, as JSON
                      {"algorithm", "key_id", "signature" (base64)}. bundle.json does not mention the
                      signature, so signing never changes the manifest.
-    config.json, manifest.json, model.safetensors | model.onnx (+ data), tokenizer.json, and any
+    config.json, manifest.json, model.safetensors | model.onnx (+ data), tokenizer.json (a Hugging Face
+                     export's own, with tokenizer_config.json and its chat template), and any
                      TensorRT recipe / profile / validation report the artifact directory holds
 
 Installed, a bundle is the artifact directory plus bundle.json (and bundle.sig): `edgekit generate
@@ -449,6 +450,9 @@ def package(artifact_dir: str | Path, device: str, out_file: str | Path, sign_ke
 
     files = _collect(art)
     blobs: dict[str, bytes] = {}
+    if TOKENIZER not in files and res.cfg.family.startswith("hf-"):
+        raise EdgekitError(f"{art} is a Hugging Face export without {TOKENIZER}, so the bundle could not run",
+                           "copy the model's tokenizer.json (and tokenizer_config.json) into the artifact")
     if TOKENIZER not in files:
         with tempfile.TemporaryDirectory() as td:
             blobs[TOKENIZER] = ByteTokenizer().save(Path(td)).read_bytes()
@@ -851,7 +855,9 @@ def run(target: str | Path, prompt: str, max_new_tokens: int = 16, public_key: s
         raise EdgekitError(f"{target} does not exist", "pass an installed bundle directory or a bundle file")
     manifest = read_installed(target, public_key)
     tok = _read_tokenizer(target)
-    if tok.get("type") != "byte":
+    # a Hugging Face tokenizer.json (tokenizers' format: a "model" section) for hf-* models, else edgekit's byte one
+    hf = str(manifest.get("family", "")).startswith("hf-") and isinstance(tok.get("model"), dict)
+    if not hf and tok.get("type") != "byte":
         raise EdgekitError(f"{target}: tokenizer type {tok.get('type')!r} is not supported by this edgekit",
                            "upgrade edgekit on the device")
     s = manifest["settings"]

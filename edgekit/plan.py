@@ -1,16 +1,20 @@
 """`edgekit plan`: will a model fit a device, and roughly how fast will it run? An ESTIMATE, always.
 
-Roofline arithmetic on the model config (edgekit.models) and the device profile (profiles/*.toml, or
-the measured host); every device number comes from the profile. What it estimates, per precision:
+Roofline arithmetic on the model config (edgekit.models, or a Hugging Face config.json: hf_shape) and the
+device profile (profiles/*.toml, or the measured host); every device number comes from the profile. What it
+estimates, per precision:
 
     weights      stored parameters at the precision (V3 13.02 B; R1 8.36 B unique)
     KV cache     2 x layers x d_model x positions x batch x activation bytes; V3 keeps at most
                  memory_len positions (Transformer-XL segment memory), R1 keeps all, in each of its
-                 80 layers (shared blocks share weights, not cache)
+                 80 layers (shared blocks share weights, not cache). Hugging Face models: KV heads x head_dim
+                 (GQA); DeepSeek-V3's MLA caches a kv_lora_rank + qk_rope_head_dim latent per token per layer
+                 (the decompressed per-head K/V, 71x larger, is reported beside it)
     activations  peak of one chunked-prefill step (hidden/MLP tensors, [B,H,S,K] score tensors, logits)
     overhead     the device's reserve (driver, CUDA context, OS) from the profile
     prefill      compute-bound: FLOPs / (efficiency x throughput), per chunk max(compute, memory)
-    decode       bandwidth-bound: bytes read per token (every executed weight, the KV cache) / bandwidth
+    decode       bandwidth-bound: bytes read per token (every executed weight, the KV cache) / bandwidth;
+                 MoE: weights = every expert, a decode token reads only its top-k + shared experts
 
 `select()` applies the brief's selection framework and says where its rule and the numbers disagree.
 """
@@ -78,6 +82,49 @@ class Shape:
     block_kv: int  # of which the K and V projections (computed even in a skipped R1 layer)
     block_small: int  # norms, position tables, biases
     other_small: int  # final norm, R1 gates
+    # Hugging Face models (hf_shape): layers differ (dense / MoE), so totals replace block x count; 0 = derive
+    linear_total: int = 0  # stored x @ W weights of all layers (MoE: every expert)
+    linear_active: int = 0  # x @ W weights one token reads in all layers (MoE: top-k + shared experts + router)
+    small_total: int = 0  # norms and biases of all layers
+    n_kv_heads: int = 0  # GQA
+    kv_width: int = 0  # cache elements per token per layer (K + V); 0 = 2 x d_model
+    attn_width: int = 0  # QK^T + PV width per query position over all heads; 0 = 2 x d_model
+    kv_basis: str = ""  # what the cache holds, in words
+    kv_alt_width: int = 0  # MLA: the decompressed per-head K/V, shown next to the estimate
+    kv_alt_basis: str = ""
+    moe: tuple = ()  # MoE: (routed experts, experts per token, shared experts, MoE layers, parameters per expert)
+
+    @property
+    def stored_linear(self) -> int:
+        return self.linear_total or self.unique_blocks * self.block_linear
+
+    @property
+    def stored_small(self) -> int:
+        return self.small_total or self.unique_blocks * self.block_small
+
+    def read_linear(self, batch: int = 1) -> float:
+        """x @ W weights one decode step of `batch` sequences reads over all layers (gates open). MoE: each
+        sequence routes to top-k experts, so a batch reads the expected number of distinct experts,
+        E x (1 - (1 - k/E)^batch), instead of k."""
+        if not self.moe:
+            return self.linear_active or self.layers * self.block_linear
+        n, k, _, moe_layers, per_expert = self.moe
+        touched = n * (1 - (1 - k / n) ** batch)
+        return self.linear_active + moe_layers * per_expert * (touched - k)
+
+    @property
+    def read_small(self) -> int:
+        return self.small_total or self.layers * self.block_small
+
+    @property
+    def kv_per_token(self) -> int:
+        """Cache elements per token per layer."""
+        return self.kv_width or 2 * self.d_model
+
+    @property
+    def attn_per_key(self) -> int:
+        """Multiply-adds per query position per key per layer (QK^T and PV)."""
+        return self.attn_width or 2 * self.d_model
 
     def kv_positions(self, context: int) -> int:
         """Positions the cache holds at `context` tokens: V3 stops at memory_len."""
@@ -106,8 +153,94 @@ def _shape_of(cfg_json: str) -> Shape:
                  block.attn.k.weight.numel() + block.attn.v.weight.numel(), block_params - block_linear, other)
 
 
+def _int(d: dict, key: str, default=None) -> int:
+    v = d.get(key, default)
+    if v is None:
+        raise KeyError(key)
+    return int(v)
+
+
+@cache
+def _hf_shape_of(cfg_json: str, name: str) -> Shape:
+    import json
+
+    d = json.loads(cfg_json)
+    mt = d["model_type"]
+    h, n_layers, vocab = _int(d, "hidden_size"), _int(d, "num_hidden_layers"), _int(d, "vocab_size")
+    heads = _int(d, "num_attention_heads")
+    kv_heads = int(d.get("num_key_value_heads") or heads)
+    ff = _int(d, "intermediate_size")
+    mlp = 3 * h * ff  # gate, up, down (SwiGLU)
+    moe, kv_alt, kv_alt_basis = (), 0, ""
+    if mt == "deepseek_v3":
+        rank, rope = _int(d, "kv_lora_rank"), _int(d, "qk_rope_head_dim")
+        nope, v_dim = _int(d, "qk_nope_head_dim"), _int(d, "v_head_dim")
+        q_rank = d.get("q_lora_rank")
+        q = h * q_rank + q_rank * heads * (nope + rope) if q_rank else h * heads * (nope + rope)
+        attn = q + h * (rank + rope) + rank * heads * (nope + v_dim) + heads * v_dim * h  # q, kv_a, kv_b, o
+        attn_small = 2 * h + rank + (q_rank or 0)  # two layer norms, kv_a / q_a norms
+        if d.get("attention_bias"):
+            attn_small += (q_rank or heads * (nope + rope)) + rank + rope + h
+        n_exp, k = _int(d, "n_routed_experts"), _int(d, "num_experts_per_tok")
+        shared = int(d.get("n_shared_experts") or 0)
+        expert = 3 * h * _int(d, "moe_intermediate_size")
+        dense_layers = min(int(d.get("first_k_dense_replace") or 0), n_layers)
+        moe_layers = n_layers - dense_layers
+        router = n_exp * h
+        linear_total = n_layers * attn + dense_layers * mlp + moe_layers * ((n_exp + shared) * expert + router)
+        linear_active = n_layers * attn + dense_layers * mlp + moe_layers * ((k + shared) * expert + router)
+        small_total = n_layers * attn_small + moe_layers * n_exp  # + the router's score-correction bias
+        moe = (n_exp, k, shared, moe_layers, expert)
+        d_ff = max(ff, (k + shared) * _int(d, "moe_intermediate_size"))
+        kv_width, attn_width, head_dim = rank + rope, heads * (rank + rope + rank), rank + rope
+        kv_basis = (f"MLA compressed latent: kv_lora_rank {rank} + qk_rope_head_dim {rope} = {rank + rope} values per "
+                    "token per layer")
+        kv_alt = heads * (nope + rope + v_dim)
+        kv_alt_basis = (f"decompressed per-head K/V: {heads} heads x (K {nope + rope} + V {v_dim}) = {kv_alt} values "
+                        f"per token per layer, {kv_alt / (rank + rope):.0f}x the latent")
+    else:  # qwen2, llama: GQA
+        head_dim = int(d.get("head_dim") or h // heads)
+        attn = h * heads * head_dim + 2 * h * kv_heads * head_dim + heads * head_dim * h
+        bias = mt == "qwen2" or bool(d.get("attention_bias"))  # Qwen2 always has q/k/v biases
+        attn_small = 2 * h + (heads * head_dim + 2 * kv_heads * head_dim if bias else 0)
+        attn_small += h if mt == "llama" and d.get("attention_bias") else 0  # o_proj bias
+        attn_small += 2 * ff + h if d.get("mlp_bias") else 0
+        linear_total = linear_active = n_layers * (attn + mlp)
+        small_total = n_layers * attn_small
+        d_ff = ff
+        kv_width, attn_width = 2 * kv_heads * head_dim, 2 * heads * head_dim
+        kv_basis = (f"{kv_heads} KV heads x head_dim {head_dim} x (K + V) = {kv_width} values per token per layer"
+                    + (f" (GQA: {heads} query heads share them)" if kv_heads < heads else ""))
+    embed = vocab * h
+    head = 0 if d.get("tie_word_embeddings", False) else vocab * h
+    total = linear_total + small_total + embed + head + h
+    active = linear_active + small_total + embed + head + h
+    return Shape(name, f"hf-{mt}", n_layers, n_layers, 0, h, heads, d_ff, vocab,
+                 int(d.get("max_position_embeddings") or 4096), 0, 0, total, active, embed, head, 0, 0, 0, h,
+                 linear_total=linear_total, linear_active=linear_active, small_total=small_total,
+                 n_kv_heads=kv_heads if mt != "deepseek_v3" else 1, kv_width=kv_width, attn_width=attn_width,
+                 kv_basis=kv_basis, kv_alt_width=kv_alt, kv_alt_basis=kv_alt_basis, moe=moe)
+
+
+def hf_shape(raw: dict, name: str) -> Shape:
+    """Shape of a Hugging Face config.json (qwen2, llama, deepseek_v3), counted from the config alone:
+    no weights are needed, so a directory with only config.json plans too."""
+    import json
+
+    from edgekit.hf import SUPPORTED
+
+    if raw.get("model_type") not in SUPPORTED:
+        raise EdgekitError(f"cannot plan Hugging Face model_type '{raw.get('model_type')}'",
+                           f"supported: {', '.join(SUPPORTED)}")
+    try:
+        return _hf_shape_of(json.dumps(raw, sort_keys=True), name)
+    except (KeyError, TypeError, ValueError) as e:
+        raise EdgekitError(f"config.json of {name}: missing or bad field {e}",
+                           "is this a complete Hugging Face config?") from None
+
+
 def shape(target) -> Shape:
-    """Shape of a preset name, checkpoint or artifact directory, or a ModelConfig."""
+    """Shape of a preset name, checkpoint, Hugging Face or artifact directory, or a ModelConfig."""
     import json
 
     from edgekit.models import ModelConfig
@@ -115,7 +248,12 @@ def shape(target) -> Shape:
     if not isinstance(target, ModelConfig):
         from edgekit.resolve import resolve
 
-        target = resolve(target).cfg
+        res = resolve(target)
+        if res.cfg.family.startswith("hf-"):
+            from edgekit.hf import raw_config
+
+            return hf_shape(raw_config(res.path), res.name)
+        target = res.cfg
     return _shape_of(json.dumps(target.to_dict(), sort_keys=True))
 
 
@@ -130,12 +268,13 @@ def weight_bytes(s: Shape, precision: str, kind: str) -> float:
     (read by Gather, not a MatMul), norms and position tables stay at the activation dtype."""
     wb, ab = WEIGHT_BITS[precision] / 8, act_bytes(precision, kind)
     embed_b = ab if precision in QUANTIZED else wb
-    return (s.unique_blocks * (s.block_linear * wb + s.block_small * ab) + s.head * wb + s.embed * embed_b
-            + s.other_small * ab)
+    return (s.stored_linear * wb + s.stored_small * ab + s.head * wb + s.embed * embed_b + s.other_small * ab)
 
 
-def kv_bytes(s: Shape, precision: str, kind: str, context: int, batch: int) -> float:
-    return 2 * s.layers * s.d_model * s.kv_positions(context) * batch * act_bytes(precision, kind)
+def kv_bytes(s: Shape, precision: str, kind: str, context: int, batch: int, width: int | None = None) -> float:
+    """The cache: `width` (default the model's) elements per token per layer x layers x positions x batch."""
+    width = s.kv_per_token if width is None else width
+    return width * s.layers * s.kv_positions(context) * batch * act_bytes(precision, kind)
 
 
 def _chunks(s: Shape, context: int) -> list[tuple[int, int]]:
@@ -162,7 +301,7 @@ def activation_bytes(s: Shape, precision: str, kind: str, context: int, batch: i
 
 def _attention_flops(s: Shape, tokens: int, keys: int, layers: int) -> float:
     """QK^T and PV over a dense [tokens x keys] matrix (R1's kernel is masked dense), plus R1's routing."""
-    flops = 4 * s.d_model * tokens * keys * layers
+    flops = 2 * s.attn_per_key * tokens * keys * layers
     if s.family == "r1":
         flops += 2 * s.d_model * tokens * math.ceil(keys / s.block_size) * layers
     return flops
@@ -184,12 +323,13 @@ def prefill_seconds(s: Shape, profile, precision: str, context: int, batch: int)
     """Prefill of a `context`-token prompt in chunks: each chunk max(compute, weight + KV traffic)."""
     flops_s, bytes_s, _, _ = _ceilings(profile, precision)
     kind, a = profile.kind, act_bytes(precision, profile.kind)
-    matmul = s.layers * s.block_linear + s.head
-    weights_read = decode_weight_bytes(s, precision, kind, batch)
+    matmul = s.read_linear() + s.head  # FLOPs: each token runs its own top-k experts
+    # a MoE prefill chunk of 512 tokens x top-k routes reaches practically every expert: all weights are read
+    weights_read = weight_bytes(s, precision, kind) if s.moe else decode_weight_bytes(s, precision, kind, batch)
     total = 0.0
     for c, keys in _chunks(s, context):
         flops = batch * (2 * matmul * c + _attention_flops(s, c, keys, s.layers))
-        traffic = weights_read + batch * 2 * s.layers * s.d_model * keys * a
+        traffic = weights_read + batch * s.kv_per_token * s.layers * keys * a
         total += max(flops / flops_s, traffic / bytes_s)
     return total
 
@@ -199,10 +339,9 @@ def decode_weight_bytes(s: Shape, precision: str, kind: str, batch: int, skip: f
     are not re-used from cache: a block is ~200 MB at full size); a skipped R1 layer still reads its K/V."""
     wb, ab = WEIGHT_BITS[precision] / 8, act_bytes(precision, kind)
     skipped = skip * s.gated_layers
-    per_layer = s.block_linear * wb + s.block_small * ab
     embed_rows = batch * s.d_model * (ab if precision in QUANTIZED else wb)
-    return (s.layers * per_layer - skipped * (s.block_linear - s.block_kv) * wb + s.head * wb + embed_rows
-            + s.other_small * ab)
+    return (s.read_linear(batch) * wb + s.read_small * ab - skipped * (s.block_linear - s.block_kv) * wb + s.head * wb
+            + embed_rows + s.other_small * ab)
 
 
 def decode_step(s: Shape, profile, precision: str, context: int, batch: int, skip: float = 0.0) -> tuple[float, str]:
@@ -211,9 +350,9 @@ def decode_step(s: Shape, profile, precision: str, context: int, batch: int, ski
     a = act_bytes(precision, profile.kind)
     keys = s.kv_positions(context)
     attn_layers = s.layers - skip * s.gated_layers
-    kv_read = batch * 2 * attn_layers * s.d_model * keys * a
+    kv_read = batch * s.kv_per_token * attn_layers * keys * a
     bytes_ = decode_weight_bytes(s, precision, profile.kind, batch, skip) + kv_read
-    matmul = s.layers * s.block_linear - skip * s.gated_layers * (s.block_linear - s.block_kv) + s.head
+    matmul = s.read_linear() - skip * s.gated_layers * (s.block_linear - s.block_kv) + s.head
     flops = batch * (2 * matmul + _attention_flops(s, 1, keys, 1) * attn_layers)
     t_mem, t_compute = bytes_ / bytes_s, flops / flops_s
     return max(t_mem, t_compute), "bandwidth" if t_mem >= t_compute else "compute"
@@ -260,6 +399,8 @@ def estimate(s: Shape, profile, precision: str, context: int, batch: int) -> dic
     _, _, how_compute, how_bandwidth = _ceilings(profile, precision)
     prefill = prefill_seconds(s, profile, precision, context, batch)
     row = {"precision": precision, **{k: round(v, 3) for k, v in mem.items()},
+           **({"kv_cache_decompressed_gib": round(kv_bytes(s, precision, profile.kind, context, batch,
+                                                           s.kv_alt_width) / GIB, 3)} if s.kv_alt_width else {}),
            "device_gib": profile.memory_gib, "margin_gib": round(margin, 3), "fits": margin >= 0,
            "tight": 0 <= margin < TIGHT_MARGIN * profile.memory_gib,
            "max_context": max_context(s, profile, precision, batch),
@@ -271,6 +412,17 @@ def estimate(s: Shape, profile, precision: str, context: int, batch: int) -> dic
         step_skip, _ = decode_step(s, profile, precision, context, batch, skip=SKIP_WHAT_IF)
         row["decode_tokens_per_s_if_60pct_skipped"] = round(batch / step_skip, 2)
     return row
+
+
+def kv_summary(s: Shape) -> dict:
+    """What one token costs in the cache, per layer and over all layers (elements; x2 bytes in fp16)."""
+    out = {"values_per_token_per_layer": s.kv_per_token, "values_per_token": s.kv_per_token * s.layers,
+           "fp16_bytes_per_token": 2 * s.kv_per_token * s.layers,
+           "basis": s.kv_basis or f"K and V of d_model {s.d_model} per token per layer"}
+    if s.kv_alt_width:
+        out["decompressed"] = {"values_per_token_per_layer": s.kv_alt_width,
+                               "fp16_bytes_per_token": 2 * s.kv_alt_width * s.layers, "basis": s.kv_alt_basis}
+    return out
 
 
 # inputs --------------------------------------------------------------------------------------
@@ -334,6 +486,13 @@ def assumptions(s: Shape, profile, context: int, batch: int, defaulted: bool) ->
           if s.family == "v3" and s.memory_len else
           f"R1 keeps every position in each of its {s.layers} layers (its {s.unique_blocks} shared blocks share "
           "weights, not cache)" if s.family == "r1" else "every position is kept")
+    if s.kv_basis:
+        kv = f"{kv}; {s.kv_basis}"
+    if s.kv_alt_basis:
+        kv += ("; the estimate uses the compressed latent because that is what is cached by transformers 5.x (it "
+               "caches the latent and expands K/V per step), by edgekit's exported graph and by DeepSeek's own / "
+               f"vLLM / SGLang MLA kernels; the 'KV decompressed' column is the {s.kv_alt_basis}, what transformers "
+               "4.x's eager cache and any attention without MLA support store")
     ctx = f"context {context} tokens x batch {batch}"
     if defaulted:
         ctx += f" (default: {DEFAULT_CONTEXT} tokens or the model's max_seq_len if smaller, batch {DEFAULT_BATCH})"
@@ -357,6 +516,20 @@ def assumptions(s: Shape, profile, context: int, batch: int, defaulted: bool) ->
         f"datasheet peak or {BANDWIDTH_EFFICIENCY['measured']:.0%} of a measured one; every executed layer reads "
         f"its weights once per step ({s.params_executed / 1e9:.2f} B for {s.name}) plus the whole KV cache",
     ]
+    if s.moe:
+        n, k, shared, moe_layers, _ = s.moe
+        out.append(f"MoE: weight memory holds all {s.params_unique / 1e9:.1f} B parameters ({n} routed experts in "
+                   f"each of {moe_layers} layers); a decode token reads only the {s.params_executed / 1e9:.1f} B "
+                   f"active ones (top-{k} routed + {shared} shared expert(s), router, attention, embeddings), a "
+                   f"batch of B sequences the expected distinct experts {n} x (1 - (1 - {k}/{n})^B); a prefill "
+                   "chunk reads all experts. This assumes a runtime that dispatches tokens to their experts: "
+                   "edgekit's own ONNX export computes every expert on every token (a static graph), which reads "
+                   "all weights per token")
+        out.append("MLA attention counted in the absorbed form (scores and values in the latent space: "
+                   f"{s.attn_per_key} multiply-adds per query per key per layer)")
+    if s.family.startswith("hf-"):
+        out.append("Hugging Face config: parameters counted from config.json alone (no weights read); multi-token "
+                   "prediction layers (num_nextn_predict_layers) are not loaded by transformers and not counted")
     if s.family == "r1":
         out.append("R1: every layer executes (gates open); selective activation skips attention + MLP of gated "
                    f"layers at run time, so decode can only be faster (the *_if_60pct_skipped column: "
@@ -414,7 +587,9 @@ def plan(model, device: str, precision: str | None = None, context: int | None =
         "estimate": True,
         "label": "ESTIMATE (roofline arithmetic, not a measurement)",
         "model": s.name, "family": s.family,
-        "params": {"unique": s.params_unique, "executed": s.params_executed},
+        "params": {"unique": s.params_unique, "executed": s.params_executed,
+                   **({"total": s.params_unique, "active": s.params_executed} if s.moe else {})},
+        "kv_cache": kv_summary(s),
         "device": profile.name, "device_title": profile.title, "device_gib": profile.memory_gib,
         "context": context, "batch": batch, "precision": precision, "rows": rows,
     }

@@ -4,6 +4,7 @@ branches, and validation against PyTorch on seeded inputs are separate steps (ST
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -155,15 +156,43 @@ def large_float_weights(path: Path, limit: int = LARGE_FLOAT_BYTES) -> list[tupl
     return found
 
 
+# MoE routers (DeepSeek-V3 / Qwen-MoE `mlp.gate`, Mixtral `block_sparse_moe.gate`, next to that block's `experts`):
+# kept fp32, as the model itself computes its routing (transformers casts the router to fp32) and as int8 recipes
+# for MoE do (llm-compressor's `ignore: re:.*mlp.gate$`). A router is ~0.02% of DeepSeek-V3's weights. An `mlp.gate`
+# with no `experts` beside it is a SwiGLU gate projection (edgekit's V3/R1) and is quantized like any weight.
+ROUTER_WEIGHT = re.compile(r"^(.*\.(?:mlp|block_sparse_moe))\.gate\.weight$")
+
+
+def router_weights(path: Path) -> set[str]:
+    """Initializer names of the MoE router weights in the graph (a `gate.weight` whose block has experts)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {t.name for _, g in iter_graphs(model.graph) for t in g.initializer}
+    return {n for n in names if (m := ROUTER_WEIGHT.match(n)) and any(x.startswith(f"{m[1]}.experts.") for x in names)}
+
+
+def router_nodes(path: Path, weights: set[str]) -> list[str]:
+    """The MatMul / Gemm nodes that apply those weights, in every graph, also by the name ONNX Runtime's
+    quantizer gives them (it rewrites a Gemm as `<name>_MatMul` before quantizing)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return [name for _, g in iter_graphs(model.graph) for n in g.node
+            if n.op_type in ("MatMul", "Gemm") and weights.intersection(n.input)
+            for name in (n.name, f"{n.name}_MatMul")]
+
+
 def quantize_int8(src: Path, dst: Path) -> None:
     """ONNX Runtime dynamic int8 (signed weights, per-tensor), inside the If branches too
-    (EnableSubgraph; without it the 'int8' file is the fp32 model). Fails if a float weight over
-    64 KiB survives anywhere."""
+    (EnableSubgraph; without it the 'int8' file is the fp32 model); MoE routers stay fp32 (ROUTER_WEIGHT).
+    Fails if any other float weight over 64 KiB survives anywhere."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    routers = router_weights(src)
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, use_external_data_format=True,
-                     extra_options={"EnableSubgraph": True})
-    left = large_float_weights(dst)
+                     extra_options={"EnableSubgraph": True}, nodes_to_exclude=router_nodes(src, routers))
+    left = [w for w in large_float_weights(dst) if w[1].removesuffix("_Transposed") not in routers]
     if left:
         where, name, nbytes = left[0]
         raise EdgekitError(f"int8 quantization left {len(left)} float weight(s) over 64 KiB, e.g. {name} "

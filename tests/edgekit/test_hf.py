@@ -15,17 +15,25 @@ torch = pytest.importorskip("torch")
 from edgekit import api  # noqa: E402
 from edgekit.errors import EdgekitError  # noqa: E402
 
-WORDS = ["<s>", "</s>", "<unk>", *"the a edge kit model runs on every device fast small big int8 onnx graph".split()]
+WORDS = ["<s>", "</s>", "<unk>",
+         *"the a edge kit model runs on every device fast small big int8 onnx graph user assistant".split()]
+# a chat template in the style of the R1 distills' (BOS, role markers, the generation prompt at the end)
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant{% endif %}")
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
 
 
-def _tokenizer(directory) -> None:
+def _tokenizer(directory, chat: bool = False) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>", "</s>"])
     tok.save(str(directory / "tokenizer.json"))
+    if chat:
+        (directory / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": "<s>", "eos_token": {"content": "</s>", "special": True}, "chat_template": CHAT_TEMPLATE}))
 
 
 def _hf_dir(root, arch: str):
@@ -39,7 +47,7 @@ def _hf_dir(root, arch: str):
                 p.normal_(0, 0.2)
     d = root / arch
     model.save_pretrained(d, safe_serialization=True)
-    _tokenizer(d)
+    _tokenizer(d, chat=arch == "qwen2")
     return d
 
 
@@ -220,3 +228,86 @@ def test_info_counts_total_and_active_parameters_from_safetensors_headers(dsv3):
     assert info["kind"] == "hf" and info["config"]["family"] == "hf-deepseek_v3"
     assert p["routed_experts"] == 2 * per_layer
     assert p["active"] == p["total"] - p["routed_experts"] + p["routed_experts"] * 2 // 16
+
+
+# chat templates and bundles -------------------------------------------------------------------------
+def test_chat_renders_the_template_with_the_generation_prompt(hf_models):
+    d, art = hf_models["qwen2"]
+    ids = [0, WORDS.index("user"), *(WORDS.index(w) for w in "the edge model".split()), WORDS.index("assistant")]
+    from edgekit.hf import HFTokenizer
+    from edgekit.resolve import resolve
+
+    assert HFTokenizer(d, resolve(d).cfg).chat("the edge model") == ("<s>user the edge model assistant", ids)
+    a = api.generate(d, "the edge model", max_new_tokens=5, chat=True)
+    b = api.generate(art, "the edge model", max_new_tokens=5, chat=True)  # the export carries the template
+    assert a["chat_prompt"] == "<s>user the edge model assistant" and a["tokens"] == b["tokens"]
+    with torch.no_grad():  # the same tokens as transformers' generate on the rendered ids
+        want = _reference(d).generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, eos_token_id=1,
+                                      pad_token_id=1)[0, len(ids):].tolist()
+    assert a["tokens"] == want
+
+
+def test_chat_errors_are_one_line(hf_models, cli):
+    from typer.testing import CliRunner
+
+    from edgekit.cli import app
+
+    llama, _ = hf_models["llama"]  # no tokenizer_config.json: no chat template
+    qwen, _ = hf_models["qwen2"]
+    runner = CliRunner()
+    ok = runner.invoke(app, ["generate", str(qwen), "--chat", "the edge model", "--max-new-tokens", "2", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["chat_prompt"].endswith("assistant")
+    for args, message in ((["generate", str(llama), "--chat", "hi"], "llama has no chat template"),
+                          (["generate", "r1-tiny", "--chat", "hi"], "r1-tiny has no chat template"),
+                          (["generate", str(qwen)], "generate needs one of --prompt or --chat"),
+                          (["generate", str(qwen), "--prompt", "a", "--chat", "b"], "one of --prompt or --chat")):
+        code, out, err = cli(*args)
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_bundle_of_a_hf_export_carries_its_tokenizer_and_runs(hf_models, tmp_path):
+    import shutil
+
+    from edgekit import package as bundles
+
+    _, art = hf_models["qwen2"]
+    bundle = tmp_path / "qwen2.tar.gz"
+    bundles.package(art, "cpu", bundle)
+    dest = tmp_path / "installed"
+    bundles.install(bundle, dest)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in dest.iterdir()}
+    got = bundles.run(dest, "the edge model runs", max_new_tokens=6)
+    assert got["tokens"] == api.generate(art, "the edge model runs", max_new_tokens=6)["tokens"]
+    assert api.generate(dest, "the edge model", max_new_tokens=2, chat=True)["chat_prompt"].startswith("<s>user")
+    # an HF export without its tokenizer is refused, not bundled with edgekit's byte tokenizer
+    bare = tmp_path / "bare"
+    shutil.copytree(art, bare)
+    (bare / "tokenizer.json").unlink()
+    from edgekit.artifact import read_manifest, write_manifest
+
+    m = read_manifest(bare, verify=False)
+    write_manifest(bare, **{k: v for k, v in m.items() if k not in ("files", "versions", "created")})
+    with pytest.raises(EdgekitError, match="without tokenizer.json"):
+        bundles.package(bare, "cpu", tmp_path / "bare.tar.gz")
+
+
+def test_int8_keeps_moe_routers_fp32_and_quantizes_the_rest(dsv3, tmp_path):
+    """The router decides each token's top-k experts; int8 there only adds routing flips (the model itself
+    routes in fp32), so it stays float; the experts and every other large weight become int8."""
+    import onnx
+
+    from exporters.onnx import quantize_int8, router_weights
+
+    _, art = dsv3
+    routers = router_weights(art / "model.onnx")
+    assert routers == {f"model.hf.model.layers.{i}.mlp.gate.weight" for i in range(2)}
+    quantize_int8(art / "model.onnx", tmp_path / "model.onnx")
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+    inits = {t.name: t.data_type for t in graph.initializer}
+    for r in routers:
+        consumers = [n for n in graph.node if any(i.startswith(r) for i in n.input)]
+        assert consumers and all(n.op_type == "MatMul" for n in consumers)
+        assert all(inits[i] == onnx.TensorProto.FLOAT for n in consumers for i in n.input if i in inits)
+    quantized = {i for n in graph.node if n.op_type == "MatMulInteger" for i in n.input}
+    assert any("experts.w_gate_up" in i for i in quantized) and any("experts.w_down" in i for i in quantized)

@@ -210,3 +210,122 @@ def test_cli_devices_lists_every_profile_and_the_host(fake_host):
     assert runner.invoke(app, ["devices"]).exit_code == 0
     for command in ("devices", "plan"):
         assert runner.invoke(app, [command, "--help"]).exit_code == 0
+
+
+# Hugging Face directories: planned from config.json alone (no weights) -----------------------------
+# the published configs (values from the models' config.json files on the Hugging Face hub)
+DEEPSEEK_V3 = {"model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61, "first_k_dense_replace": 3,
+               "n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1, "moe_intermediate_size": 2048,
+               "intermediate_size": 18432, "vocab_size": 129280, "kv_lora_rank": 512, "q_lora_rank": 1536,
+               "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128, "num_attention_heads": 128,
+               "num_key_value_heads": 128, "max_position_embeddings": 163840, "tie_word_embeddings": False,
+               "n_group": 8, "topk_group": 4, "num_nextn_predict_layers": 1}
+R1_QWEN_1_5B = {"model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+                "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936, "tie_word_embeddings": False,
+                "max_position_embeddings": 131072}
+R1_LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False,
+               "max_position_embeddings": 131072}
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory) -> dict:
+    """name -> a directory holding only config.json (the real checkpoints are 3.5 GB to 1.3 TB)."""
+    root = tmp_path_factory.mktemp("hf-configs")
+    out = {}
+    for name, cfg in (("DeepSeek-V3", DEEPSEEK_V3), ("DeepSeek-R1-Distill-Qwen-1.5B", R1_QWEN_1_5B),
+                      ("DeepSeek-R1-Distill-Llama-8B", R1_LLAMA_8B)):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(cfg))
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("name,total,active", [
+    ("DeepSeek-V3", 671e9, 37e9),  # DeepSeek-V3 technical report: 671 B total, 37 B activated per token
+    ("DeepSeek-R1-Distill-Qwen-1.5B", 1.78e9, 1.78e9),  # the model card's 1.78 B
+    ("DeepSeek-R1-Distill-Llama-8B", 8.03e9, 8.03e9),  # Llama-3.1-8B's 8.03 B
+])
+def test_hf_parameter_counts_match_published_numbers(hf_dirs, name, total, active):
+    s = P.shape(hf_dirs[name])
+    assert s.family.startswith("hf-") and s.name == name
+    assert s.params_unique == pytest.approx(total, rel=0.02)
+    assert s.params_executed == pytest.approx(active, rel=0.02)
+
+
+def test_hf_kv_cache_bytes_by_formula(hf_dirs):
+    q, ll, v3 = (P.shape(hf_dirs[n]) for n in ("DeepSeek-R1-Distill-Qwen-1.5B", "DeepSeek-R1-Distill-Llama-8B",
+                                               "DeepSeek-V3"))
+    # GQA: 2 (K, V) x KV heads x head_dim x layers x positions x batch x bytes
+    assert P.kv_bytes(q, "fp16", "gpu", 4096, 1) == 2 * 2 * 128 * 28 * 4096 * 2 == 117_440_512
+    assert P.kv_bytes(ll, "fp16", "gpu", 4096, 2) == 2 * 8 * 128 * 32 * 4096 * 2 * 2 == 1_073_741_824
+    assert P.kv_bytes(ll, "fp32", "cpu", 1000, 1) == 2 * 8 * 128 * 32 * 1000 * 4
+    # MLA: the compressed latent (kv_lora_rank + qk_rope_head_dim) per token per layer, one for all 128 heads
+    assert P.kv_bytes(v3, "fp16", "gpu", 4096, 1) == (512 + 64) * 61 * 4096 * 2 == 287_834_112
+    # decompressed per-head K (128 nope + 64 rope) and V (128) of 128 heads: 71x more
+    assert v3.kv_alt_width == 128 * (192 + 128)
+    assert P.kv_bytes(v3, "fp16", "gpu", 4096, 1, v3.kv_alt_width) == 128 * 320 * 61 * 4096 * 2 == 20_468_203_520
+    summary = P.kv_summary(v3)
+    assert summary["fp16_bytes_per_token"] == 70_272 and summary["decompressed"]["fp16_bytes_per_token"] == 4_997_120
+
+
+def test_hf_counts_equal_transformers_own_modules():
+    """The config arithmetic against the modules transformers builds (meta device: no memory), including a
+    dense first layer, tied embeddings and biases."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    dsv3 = dict(common, num_hidden_layers=3, first_k_dense_replace=1, num_key_value_heads=4, moe_intermediate_size=32,
+                n_routed_experts=16, num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1,
+                kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
+    for cls, kw in ((transformers.DeepseekV3Config, dsv3), (transformers.Qwen2Config, common),
+                    (transformers.Qwen2Config, dict(common, tie_word_embeddings=True)),
+                    (transformers.LlamaConfig, dict(common, attention_bias=True, mlp_bias=True))):
+        cfg = cls(**kw)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg)
+        # unique tensors of the state dict: parameters + the router's score-correction bias buffer
+        unique = {id(t): t.numel() for t in model.state_dict(keep_vars=True).values()}
+        assert P.hf_shape(json.loads(cfg.to_json_string()), "tiny").params_unique == sum(unique.values()), cls
+
+
+def test_hf_moe_decode_reads_active_weights_and_memory_holds_all(hf_dirs):
+    v3 = P.shape(hf_dirs["DeepSeek-V3"])
+    assert P.weight_bytes(v3, "fp16", "gpu") == pytest.approx(2 * v3.params_unique)
+    one = P.decode_weight_bytes(v3, "fp16", "gpu", 1)
+    # the 37.6 B active parameters x 2 bytes, of the embedding table only the token's row
+    assert one == 2 * (v3.params_executed - v3.embed + v3.d_model)
+    # a batch of 64 routes to ~222 of the 256 experts in each MoE layer: close to all weights
+    batch64 = P.decode_weight_bytes(v3, "fp16", "gpu", 64)
+    assert batch64 / P.weight_bytes(v3, "fp16", "gpu") == pytest.approx(0.87, abs=0.02)
+    r = P.plan(hf_dirs["DeepSeek-V3"], "h100-sxm", precision="int4", context=1024)
+    assert not r["rows"][0]["fits"] and r["params"]["active"] == v3.params_executed
+    assert any("MoE: weight memory holds all 671.0 B" in a for a in r["assumptions"])
+    assert r["rows"][0]["kv_cache_decompressed_gib"] > 60 * r["rows"][0]["kv_cache_gib"]
+
+
+def test_hf_plan_fits_or_names_what_would(hf_dirs):
+    r = P.plan(hf_dirs["DeepSeek-R1-Distill-Llama-8B"], "a100-80gb")
+    assert r["recommended_precision"] == "fp16" and r["rows"][0]["weights_gib"] == pytest.approx(14.96, abs=0.01)
+    jetson = P.plan(hf_dirs["DeepSeek-V3"], "jetson-agx-orin-64gb")
+    assert not any(row["fits"] for row in jetson["rows"]) and jetson["recommended_precision"] is None
+    assert "DeepSeek-V3 does not fit jetson-agx-orin-64gb" in jetson["recommendation"]
+    assert jetson["would_fit"] and all(f["model"] != "DeepSeek-V3" for f in jetson["would_fit"])
+    assert "What would fit: v3-13b" in jetson["recommendation"]
+
+
+def test_cli_plan_of_a_hf_directory(hf_dirs):
+    result = runner.invoke(app, ["plan", str(hf_dirs["DeepSeek-V3"]), "--device", "a100-80gb", "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output)
+    assert r["family"] == "hf-deepseek_v3" and r["kv_cache"]["values_per_token_per_layer"] == 576
+    assert r["kv_cache"]["decompressed"]["values_per_token_per_layer"] == 40960
+    qwen = str(hf_dirs["DeepSeek-R1-Distill-Qwen-1.5B"])
+    table = runner.invoke(app, ["plan", qwen, "--device", "jetson-orin-nano-8gb"])
+    assert table.exit_code == 0 and "ESTIMATE" in table.output and "GQA" in table.output
+    bad = hf_dirs["DeepSeek-V3"].parent / "broken"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({k: v for k, v in DEEPSEEK_V3.items() if k != "kv_lora_rank"}))
+    result = runner.invoke(app, ["plan", str(bad), "--device", "a100-80gb"])
+    assert result.exit_code == 1 and "kv_lora_rank" in str(result.exception)
