@@ -10,8 +10,9 @@ A pretrained qwen2 / llama / deepseek_v3 model has no skip gates, so we fit them
    The gate predicts r_hat = exp(x . w + b) > 0 per token; one decision per layer per call, as R1:
    the layer runs when mean(r_hat over batch and tokens) > threshold, else it is skipped.
 3. Choose. On held-out calibration chunks: the probe's R^2, and perplexity at one threshold per
-   "k layers skipped" step; the default threshold is the largest whose perplexity stays within
-   --max-ppl-increase of the ungated model.
+   "k layers skipped" step, both with one decision per chunk (a prompt) and one per token (decoding;
+   computed in one pass, see GatedHFCausalLM.per_token); the default threshold is the largest whose
+   perplexity stays within --max-ppl-increase of the ungated model in both modes.
 4. Write. A checkpoint directory: the source's config/tokenizer files, its *.safetensors hard-linked
    (copied across file systems), skip_gates.safetensors (the probes) and skip_gates.json (gated
    layers, default threshold, calibration stats). edgekit.hf resolves it as a gated model.
@@ -121,6 +122,10 @@ class GatedHFCausalLM(HFCausalLM):
         super().__init__(hf, cfg)
         self.gates = nn.ModuleDict({str(i): g for i, g in gates.items()})
         self.record: list | None = None  # calibration: per layer (x, r) of the last call
+        # Evaluation only (eager): decide per token instead of per call; executed is then [n_layers, B, S].
+        # Equals feeding the tokens one per call with the cache (a token's K/V come from its own hidden
+        # state, skipped or not), so decode-mode perplexity costs one forward.
+        self.per_token = False
 
     def default_thresholds(self) -> torch.Tensor:
         return torch.full((self.cfg.n_layers,), float(self.cfg.default_threshold))
@@ -136,8 +141,9 @@ class GatedHFCausalLM(HFCausalLM):
         keys = torch.arange(p + s, device=dev)  # [P+S]
         h = m.embed_tokens(input_ids)  # [B, S, D]
         dtype = h.dtype
-        mask = torch.where(keys[None, :] <= pos[:, None], torch.zeros((), dtype=dtype),
-                           torch.full((), torch.finfo(dtype).min, dtype=dtype))[None, None].expand(b, 1, s, p + s)
+        mask = torch.where(keys[None, :] <= pos[:, None], torch.zeros((), dtype=dtype, device=dev),
+                           torch.full((), torch.finfo(dtype).min, dtype=dtype, device=dev))
+        mask = mask[None, None].expand(b, 1, s, p + s)  # additive causal mask [B, 1, S, P+S]
         cos, sin = m.rotary_emb(h, pos[None].expand(b, s))
         presents, executed = [], []
         for i, layer in enumerate(m.layers):
@@ -155,6 +161,11 @@ class GatedHFCausalLM(HFCausalLM):
                 h = run(*operands)
                 executed.append(torch.ones((), dtype=torch.bool, device=dev))
                 continue
+            if self.per_token:  # evaluation: what token-by-token decoding would decide, in one pass
+                keep = gate(x) > thresholds[i]  # [B, S]
+                h = torch.where(keep[..., None], run(*operands), h)
+                executed.append(keep)
+                continue
             pred = gate(x).mean() > thresholds[i]  # 0-D bool: one decision per layer per call
             if _exporting():
                 h = torch.cond(pred, run, lambda h, *_: h.clone(), operands)
@@ -166,6 +177,8 @@ class GatedHFCausalLM(HFCausalLM):
                     self.record.append((i, x.detach(), r.detach()))
             executed.append(pred)
         logits = self.hf.lm_head(m.norm(h))
+        if self.per_token:
+            executed = [e.expand(b, s) for e in executed]
         return logits, presents, torch.stack(executed)
 
 
@@ -326,20 +339,28 @@ def probe_quality(model: GatedHFCausalLM, chunks: torch.Tensor) -> dict[int, dic
 
 
 @torch.no_grad()
-def perplexity(model: GatedHFCausalLM, chunks: torch.Tensor, threshold: float, batch: int = 1) -> dict:
-    """Next-token perplexity over the chunks, each chunk one call (one skip decision per layer per chunk),
-    and the mean number of layers skipped per call."""
+def perplexity(model: GatedHFCausalLM, chunks: torch.Tensor, threshold: float, per_token: bool = False,
+               batch: int = 1) -> dict:
+    """Next-token perplexity over the chunks and the mean number of layers skipped per decision.
+    per_token=False (prefill): each chunk is one call, one skip decision per layer per chunk.
+    per_token=True (decode): one decision per layer per token, as when the chunk is fed one token per call."""
     thr = torch.full((model.cfg.n_layers,), float(threshold))
-    nll, count, skipped, calls = 0.0, 0, 0, 0
-    for start in range(0, len(chunks), batch):
-        ids = chunks[start:start + batch]
-        logits, _, executed = model(ids, thresholds=thr)
-        nll += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                 reduction="sum"))
-        count += ids[:, 1:].numel()
-        skipped += int((~executed).sum())
-        calls += 1
-    return {"threshold": float(threshold), "ppl": math.exp(nll / count), "layers_skipped_mean": skipped / calls}
+    nll, count, skipped, decisions = 0.0, 0, 0, 0
+    model.per_token = per_token
+    try:
+        for start in range(0, len(chunks), batch):
+            ids = chunks[start:start + batch]
+            logits, _, executed = model(ids, thresholds=thr)
+            nll += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     ids[:, 1:].reshape(-1), reduction="sum"))
+            count += ids[:, 1:].numel()
+            if per_token:
+                executed = executed[..., :-1]  # the tokens that are scored (as in decoding: no call after the last)
+            skipped += int((~executed).sum())
+            decisions += executed[0].numel()
+    finally:
+        model.per_token = False
+    return {"threshold": float(threshold), "ppl": math.exp(nll / count), "layers_skipped_mean": skipped / decisions}
 
 
 def candidate_thresholds(quality: dict[int, dict]) -> list[float]:
@@ -388,12 +409,15 @@ def calibrate_skip(source: str | Path, data: str | Path, out: str | Path, layers
     fit = fit_gates(gated, fit_chunks)
     step("checking the gates on held-out chunks")
     quality = probe_quality(gated, eval_chunks)
-    curve = [perplexity(gated, eval_chunks, t) for t in candidate_thresholds(quality)]
+    candidates = candidate_thresholds(quality)
+    curve = [perplexity(gated, eval_chunks, t) for t in candidates]
+    curve_decode = [perplexity(gated, eval_chunks, t, per_token=True) for t in candidates]
     base = curve[0]["ppl"]
-    if threshold is None:
-        ok = [c for c in curve if c["ppl"] <= base * (1 + max_ppl_increase)]
-        threshold = max(c["threshold"] for c in ok)  # curve[0] (nothing skipped) is always ok
+    if threshold is None:  # within the budget both for prompts (prefill) and generated tokens (decode)
+        limit = base * (1 + max_ppl_increase)
+        threshold = max(a["threshold"] for a, b in zip(curve, curve_decode) if a["ppl"] <= limit and b["ppl"] <= limit)
     chosen = perplexity(gated, eval_chunks, threshold)
+    chosen_decode = perplexity(gated, eval_chunks, threshold, per_token=True)
     stats = {"format": FORMAT, "source": str(source.resolve()), "model_type": cfg.model_type,
              "gated_layers": layers, "default_threshold": float(threshold),
              "gate": "run layer i when mean over batch and tokens of exp(input_layernorm(h) . w_i + b_i) > threshold_i",
@@ -404,7 +428,9 @@ def calibrate_skip(source: str | Path, data: str | Path, out: str | Path, layers
                              "eval_chunks": len(eval_chunks), "fit_tokens": fit_chunks.numel(),
                              "max_ppl_increase": max_ppl_increase},
              "layers": {str(i): {**fit[i], **quality[i]} for i in layers},
-             "curve": curve, "chosen": {**chosen, "ppl_increase": chosen["ppl"] / base - 1}}
+             "curve": curve, "curve_decode": curve_decode,
+             "chosen": {**chosen, "ppl_increase": chosen["ppl"] / base - 1,
+                        "decode": {**chosen_decode, "ppl_increase": chosen_decode["ppl"] / base - 1}}}
     out = Path(out)
     linked = {}
     with staging(out, force) as tmp:

@@ -184,6 +184,30 @@ def test_onnxruntime_equals_gated_pytorch(qwen, thresholds):
         assert executed.tolist() == [t == NONE for t in thresholds]
 
 
+def test_token_by_token_decoding_equals_the_one_pass_per_token_evaluation(qwen):
+    """Skipped layers' cached K/V are read by later tokens: decoding one token per call (each call its own
+    decisions) must equal the one-pass per-token mode that calibrate-skip scores decode perplexity with."""
+    from edgekit.hf import load
+
+    _, _, gated, _, _ = qwen
+    model = load(gated)
+    stats = json.loads((gated / "skip_gates.json").read_text())
+    thr = _thr(*[stats["layers"][str(i)]["r_pred_mean"] for i in range(2)])  # some tokens above, some below
+    ids = torch.from_numpy(np.random.default_rng(11).integers(3, len(WORDS), (1, 24)))
+    with torch.no_grad():
+        model.per_token = True
+        try:
+            fast, _, fast_exec = model(ids, None, thr)  # executed [layers, 1, 24]
+        finally:
+            model.per_token = False
+        assert fast_exec.any() and not fast_exec.all()
+        past = None
+        for t in range(ids.shape[1]):
+            logits, past, executed = model(ids[:, t:t + 1], past, thr)
+            assert executed.tolist() == fast_exec[:, 0, t].tolist()
+            assert (logits[:, 0] - fast[:, t]).abs().max() < 1e-4
+
+
 def test_generate_from_gated_dir_and_its_artifact(qwen):
     _, _, gated, _, art = qwen
     for thr in (NONE, ALL):
