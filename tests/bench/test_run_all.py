@@ -116,3 +116,24 @@ def test_summary_and_dry_run(capsys):
     assert run_all.main(["--dry-run", "--only", "peers"]) == 0
     out = capsys.readouterr().out
     assert "peers.py" in out and "skip: not in --only" in out
+
+
+def test_run_one_reports_failure_and_keeps_the_log(tmp_path, capsys):
+    p = run_all.Planned(Bench("boom", "boom.py"),
+                        command=[sys.executable, "-c", "import sys; print('hello'); sys.exit(3)"])
+    rc, secs = run_all.run_one(p, tmp_path / "logs")
+    assert rc == 3 and secs >= 0
+    assert "hello" in (tmp_path / "logs" / "boom.log").read_text() and "hello" in capsys.readouterr().out
+
+
+def test_main_exits_nonzero_when_a_script_fails(tmp_path, monkeypatch, capsys):
+    ok = run_all.Planned(Bench("fine", "fine.py"), command=[sys.executable, "-c", "pass"])
+    bad = run_all.Planned(Bench("boom", "boom.py"), command=[sys.executable, "-c", "raise SystemExit(2)"])
+    gone = run_all.Planned(Bench("gone", "gone.py"), skip="bench/gone.py does not exist (yet)")
+    monkeypatch.setattr(run_all, "plan", lambda *a, **k: [ok, bad, gone])
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path / "results")
+    assert run_all.main(["--work", str(tmp_path / "w")]) == 1
+    out = capsys.readouterr().out
+    assert "| fine | ok |" in out and "| boom | FAILED (exit 2" in out and "| gone | skipped: bench/gone.py" in out
+    monkeypatch.setattr(run_all, "plan", lambda *a, **k: [ok, gone])
+    assert run_all.main(["--work", str(tmp_path / "w")]) == 0
