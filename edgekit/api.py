@@ -181,7 +181,8 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
         with reference, OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, tmp)) as int8_runner, \
                 progress("checking int8 fidelity", n_cases) as advance:
             fields["validation"]["int8"] = onnx_exporter.validate(reference, int8_runner, spec, tolerance=None,
-                                                                  min_cosine=min_cosine, advance=advance)
+                                                                  min_cosine=min_cosine, advance=advance,
+                                                                  text=res.fidelity_text())
         shutil.rmtree(fp32_dir)
         int8_bytes = _dir_bytes(tmp)
         fields.update(precision="int8", graph_ops=onnx_exporter.graph_ops(tmp / onnx_exporter.MODEL_FILE))
@@ -213,7 +214,8 @@ def quantize(target: str | Path, out: str | Path, force: bool = False, min_cosin
         with TorchRunner(Resolved(res.kind, res.name, res.cfg, res.path, model=model)) as ref, \
                 TorchRunner(Resolved("checkpoint", res.name, res.cfg, tmp, model=quantized)) as q, \
                 progress("checking int8 fidelity", len(validation_cases(spec))) as advance:
-            report = validate(ref, q, spec, tolerance=None, min_cosine=min_cosine, advance=advance)
+            report = validate(ref, q, spec, tolerance=None, min_cosine=min_cosine, advance=advance,
+                              text=res.fidelity_text())
         manifest = write_manifest(tmp, format="checkpoint", precision="int8", quantization=METHOD, model=res.name,
                                   family=res.cfg.family, source=str(res.path or res.name), validation={"int8": report},
                                   size={"fp32_bytes": fp32_bytes, "int8_bytes": int8_bytes,

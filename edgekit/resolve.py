@@ -45,6 +45,16 @@ class Resolved:
                            "pass a preset name or a checkpoint directory")
 
 
+    def fidelity_text(self) -> list[int] | None:
+        """In-distribution token ids for int8 fidelity checks: a checkpoint trained on edgekit's task suite
+        (its manifest records held-out accuracy) is judged on task text, not on random tokens."""
+        if self.manifest.get("heldout") is None:
+            return None
+        from edgekit import tasks
+
+        return tasks.text_ids(tasks.sample(tasks.test_split(), per_cell=2))
+
+
 def resolve(target: str | Path) -> Resolved:
     from edgekit.artifact import MANIFEST, read_manifest
     from edgekit.checkpoint import read_config

@@ -190,6 +190,11 @@ def sample(problems: Iterable[Problem], per_cell: int) -> list[Problem]:
     return out
 
 
+def text_ids(problems: Iterable[Problem]) -> list[int]:
+    """The problems as one token stream (prompt, answer, EOS, ...): what the reference models read."""
+    return [t for p in problems for t in (*p.prompt_ids(), *p.answer_ids())]
+
+
 # ---------------------------------------------------------------------------------------------
 # exact-match accuracy through any engine
 

@@ -232,22 +232,30 @@ def validation_cases(spec: DecoderSpec) -> list[dict]:
 
 
 def validate(reference, candidate, spec: DecoderSpec, tolerance: float | None = 1e-4, min_cosine: float | None = None,
-             advance=lambda *a, **k: None) -> dict:
+             advance=lambda *a, **k: None, text=None) -> dict:
     """Run both runners (activated) on the same seeded inputs and compare.
 
     tolerance: fp32 max-abs-diff bound per output; min_cosine: logit cosine floor (quantized graphs).
+    text: token ids the model was trained on (Resolved.fidelity_text); with min_cosine, the fidelity
+    inputs are windows of it instead of random tokens, which are out of distribution for a trained model.
     Returns the report; raises EdgekitError on a name/shape mismatch, a skip-pattern mismatch or a miss.
     """
     cases = validation_cases(spec)
-    report = {"cases": [], "tolerance": tolerance, "min_cosine": min_cosine}
+    text = text if min_cosine is not None else None
+    report = {"cases": [], "tolerance": tolerance, "min_cosine": min_cosine,
+              "inputs": "random tokens" if text is None else "the model's training distribution"}
     cos_all, agree, total = [], 0, 0
     for i, case in enumerate(cases):
-        feeds = spec.dummy(*case["shape"], seed=100 + i, thresholds=case["thresholds"])
+        feeds = spec.dummy(*case["shape"], seed=100 + i, thresholds=case["thresholds"], text=text)
         if min_cosine is not None and case["shape"][2] > 0:
             # fidelity: each side decodes on the cache its own prefill produced, as in real use
             # (a random cache makes R1's discrete block routing flip on tiny int8 errors)
-            b, _, past = case["shape"]
-            prefill = spec.dummy(b, past, 0, seed=200 + i, thresholds=case["thresholds"])
+            b, seq, past = case["shape"]
+            prefill = spec.dummy(b, past + (0 if text is None else seq), 0, seed=200 + i,
+                                 thresholds=case["thresholds"], text=text)
+            if text is not None:  # one continuous window of the text: the prefill, then what follows it
+                feeds["input_ids"] = prefill["input_ids"][:, past:]
+                prefill["input_ids"] = prefill["input_ids"][:, :past]
             ref = reference.infer({**feeds, **_cache_from(spec, reference.infer(prefill))})
             got = candidate.infer({**feeds, **_cache_from(spec, candidate.infer(prefill))})
         else:

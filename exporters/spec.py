@@ -45,11 +45,19 @@ class DecoderSpec:
             axes[n] = {0: "batch", 2: "present"}
         return axes
 
-    def dummy(self, batch: int, seq: int, past: int, seed: int = 0, thresholds=None) -> dict[str, np.ndarray]:
-        """Seeded inputs for the graph: random tokens and a random KV cache of length `past`."""
+    def dummy(self, batch: int, seq: int, past: int, seed: int = 0, thresholds=None,
+              text=None) -> dict[str, np.ndarray]:
+        """Seeded inputs for the graph: random tokens (or, with `text`, a token sequence, seeded windows
+        of it: in-distribution input for a trained model) and a random KV cache of length `past`."""
         cfg = self.cfg
         rng = np.random.default_rng(seed)
-        feeds = {"input_ids": rng.integers(0, min(cfg.vocab_size, 256), (batch, seq), dtype=np.int64)}
+        if text is None:
+            ids = rng.integers(0, min(cfg.vocab_size, 256), (batch, seq), dtype=np.int64)
+        else:
+            text = np.resize(np.asarray(text, np.int64), max(len(text), seq + 1))  # repeats a short text
+            starts = rng.integers(0, len(text) - seq + 1, batch)
+            ids = np.stack([text[s:s + seq] for s in starts]).reshape(batch, seq)
+        feeds = {"input_ids": ids}
         if self.gated:
             thr = cfg.default_threshold if thresholds is None else thresholds
             feeds["thresholds"] = np.broadcast_to(np.asarray(thr, np.float32), (cfg.n_layers,)).copy()
