@@ -363,12 +363,18 @@ def perplexity(model: GatedHFCausalLM, chunks: torch.Tensor, threshold: float, p
     return {"threshold": float(threshold), "ppl": math.exp(nll / count), "layers_skipped_mean": skipped / decisions}
 
 
-def candidate_thresholds(quality: dict[int, dict]) -> list[float]:
-    """0 (nothing skipped), then one threshold between consecutive layers' mean predicted contribution
-    (geometric midpoint), then 10x the largest (every gated layer skipped on a typical call)."""
+def candidate_thresholds(quality: dict[int, dict], per_gap: int = 3) -> list[float]:
+    """0 (nothing skipped); below, between (per_gap geometric steps) and at the layers' mean predicted
+    contributions sorted; then 10x the largest (every gated layer skipped on a typical call). Per-call
+    and per-token predictions spread around the means, so the points in between skip fractions of layers."""
     m = sorted(q["r_pred_mean"] for q in quality.values())
-    mids = [math.sqrt(a * b) for a, b in zip(m, m[1:])]
-    return [0.0, *mids, 10 * m[-1]] if m else [0.0]
+    if not m:
+        return [0.0]
+    grid = [m[0] * 0.7, m[0] * 0.85]
+    for a, b in zip(m, m[1:]):
+        grid += [a ** (1 - f) * b ** f for f in (k / (per_gap + 1) for k in range(per_gap + 1))]
+    grid += [m[-1], 10 * m[-1]]
+    return [0.0, *sorted(set(grid))]
 
 
 def calibrate_skip(source: str | Path, data: str | Path, out: str | Path, layers: list[int] | None = None,
