@@ -91,7 +91,7 @@ def generate(
         return
     console.print(r["text"], markup=False, highlight=False)
     if r.get("layer_slots"):
-        console.print(f"[dim]{r['runtime']}: R1 skipped {r['skipped']} of {r['layer_slots']} layer executions "
+        console.print(f"[dim]{r['runtime']}: skipped {r['skipped']} of {r['layer_slots']} gated-layer executions "
                       f"({100 * r['skipped'] / r['layer_slots']:.0f}%)[/dim]")
 
 
@@ -275,7 +275,7 @@ def run_cmd(
         return
     say(r["text"])
     if r.get("layer_slots"):
-        console.print(f"[dim]{r['runtime']}: R1 skipped {r['skipped']} of {r['layer_slots']} layer executions "
+        console.print(f"[dim]{r['runtime']}: skipped {r['skipped']} of {r['layer_slots']} gated-layer executions "
                       f"({100 * r['skipped'] / r['layer_slots']:.0f}%)[/dim]")
 
 
