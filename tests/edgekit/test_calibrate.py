@@ -14,38 +14,23 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 torch = pytest.importorskip("torch")
 
+from hf_tiny import WORDS as _WORDS  # noqa: E402
+from hf_tiny import save_model, write_tokenizer  # noqa: E402
+
 from edgekit import api, calibrate  # noqa: E402
 from edgekit.errors import EdgekitError  # noqa: E402
 
-WORDS = ["<s>", "</s>", "<unk>", *"the a edge kit model runs on every device fast small big int8 onnx graph".split()]
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
-DSV3 = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-            first_k_dense_replace=0, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
-            num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=32,
-            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256, bos_token_id=0,
-            eos_token_id=1)
+WORDS = [w for w in _WORDS if w not in ("user", "assistant")]  # the calibration vocabulary
+
 SEQ = 16
 NONE, ALL = 0.0, 1e9  # thresholds: nothing skipped (r_hat > 0 always), everything skipped
 
 
 def _hf_dir(root, arch: str):
     """A tiny random model directory (weights std 0.2 so layers differ clearly) with a word-level tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    torch.manual_seed({"qwen2": 0, "llama": 1, "deepseek_v3": 2}[arch])
-    cfg = {"qwen2": lambda: transformers.Qwen2Config(**COMMON), "llama": lambda: transformers.LlamaConfig(**COMMON),
-           "deepseek_v3": lambda: transformers.DeepseekV3Config(**DSV3)}[arch]()
-    model = transformers.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
     d = root / arch
-    model.save_pretrained(d, safe_serialization=True)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(d / "tokenizer.json"))
+    save_model(d, arch)
+    write_tokenizer(d, words=WORDS, special=False)
     return d
 
 

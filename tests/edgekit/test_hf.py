@@ -12,42 +12,16 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 torch = pytest.importorskip("torch")
 
+from hf_tiny import COMMON, WORDS, save_model, write_tokenizer  # noqa: E402
+
 from edgekit import api  # noqa: E402
 from edgekit.errors import EdgekitError  # noqa: E402
 
-WORDS = ["<s>", "</s>", "<unk>",
-         *"the a edge kit model runs on every device fast small big int8 onnx graph user assistant".split()]
-# a chat template in the style of the R1 distills' (BOS, role markers, the generation prompt at the end)
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-                 "{% if add_generation_prompt %}assistant{% endif %}")
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
-
-
-def _tokenizer(directory, chat: bool = False) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<s>", "</s>"])
-    tok.save(str(directory / "tokenizer.json"))
-    if chat:
-        (directory / "tokenizer_config.json").write_text(json.dumps(
-            {"bos_token": "<s>", "eos_token": {"content": "</s>", "special": True}, "chat_template": CHAT_TEMPLATE}))
-
 
 def _hf_dir(root, arch: str):
-    torch.manual_seed({"qwen2": 0, "llama": 1}[arch])
-    cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[arch]
-    model = transformers.AutoModelForCausalLM.from_config(cls(**COMMON))
-    # larger random weights than the init's std 0.02, so logits are not near-ties
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
     d = root / arch
-    model.save_pretrained(d, safe_serialization=True)
-    _tokenizer(d, chat=arch == "qwen2")
+    save_model(d, arch)
+    write_tokenizer(d, chat=arch == "qwen2")
     return d
 
 
@@ -143,26 +117,12 @@ def test_pickled_weights_refused_and_missing_library_named(tmp_path, monkeypatch
         hf._require("transformers_not_installed_here")
 
 
-# DeepSeek-V3 architecture: MLA (compressed latent KV cache) + MoE (16 routed experts, top-2, one shared)
-DSV3 = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-            first_k_dense_replace=0, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
-            num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=32,
-            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256, bos_token_id=0,
-            eos_token_id=1)
-
-
 @pytest.fixture(scope="session")
 def dsv3(tmp_path_factory):
     root = tmp_path_factory.mktemp("dsv3")
-    torch.manual_seed(2)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.DeepseekV3Config(**DSV3))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
     d = root / "dsv3"
-    model.save_pretrained(d, safe_serialization=True)
-    _tokenizer(d)
+    save_model(d, "deepseek_v3", max_dim=3)
+    write_tokenizer(d)
     api.export(d, "onnx", root / "onnx")
     return d, root / "onnx"
 
