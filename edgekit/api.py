@@ -101,12 +101,13 @@ def _dir_bytes(directory: Path, pattern: str = "model.onnx*") -> int:
 
 def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, force: bool = False,
            min_cosine: float | None = None, tolerance: float = 1e-4, device: str | None = None,
-           context: int | None = None, precision: str | None = None) -> dict:
+           context: int | None = None, precision: str | None = None, fidelity_data: str | Path | None = None) -> dict:
     """Export a preset/checkpoint to an artifact directory; validation failures fail the export.
 
     onnx: fp32 graph validated against PyTorch (max abs diff <= tolerance on every output, several
     shapes and skip patterns); with int8, ORT dynamic int8 inside the If branches and a logit-cosine
-    fidelity floor (min_cosine, default 0.99). tensorrt: delegated to exporters.tensorrt (TensorRT-ready
+    fidelity floor (min_cosine, default 0.99) on fidelity_data (a text file) or Resolved.fidelity_text's
+    default. tensorrt: delegated to exporters.tensorrt (TensorRT-ready
     ONNX + build recipe; min_cosine defaults to the precision's own floor there).
     """
     from edgekit.artifact import staging, write_manifest
@@ -117,6 +118,7 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
     if fmt not in FORMATS:
         raise unknown_name("format", fmt, FORMATS)
     res = resolve(target)
+    text = res.fidelity_text(fidelity_data) if int8 and fmt == "onnx" else (None, "")
     model = res.load_model()
     if getattr(model, "quantized", False):
         raise EdgekitError(f"{target} is a torch-int8 checkpoint", "export the fp32 model; --int8 quantizes the graph")
@@ -136,13 +138,14 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
                                          min_cosine=min_cosine)
         else:
             fields = _export_onnx(res, model, tmp, int8, 0.99 if min_cosine is None else min_cosine, tolerance,
-                                  progress)
+                                  progress, text)
         manifest = write_manifest(tmp, model=res.name, family=res.cfg.family, source=str(res.path or res.name),
                                   **fields)
     return {k: v for k, v in manifest.items() if k != "files"} | {"out": str(out), "files": sorted(manifest["files"])}
 
 
-def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance: float, progress) -> dict:
+def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance: float, progress,
+                 text: tuple) -> dict:
     import shutil
 
     from edgekit.resolve import Resolved
@@ -182,7 +185,7 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
                 progress("checking int8 fidelity", n_cases) as advance:
             fields["validation"]["int8"] = onnx_exporter.validate(reference, int8_runner, spec, tolerance=None,
                                                                   min_cosine=min_cosine, advance=advance,
-                                                                  text=res.fidelity_text())
+                                                                  text=text[0], text_source=text[1])
         shutil.rmtree(fp32_dir)
         int8_bytes = _dir_bytes(tmp)
         fields.update(precision="int8", graph_ops=onnx_exporter.graph_ops(tmp / onnx_exporter.MODEL_FILE))
@@ -190,7 +193,8 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
     return fields
 
 
-def quantize(target: str | Path, out: str | Path, force: bool = False, min_cosine: float = 0.99) -> dict:
+def quantize(target: str | Path, out: str | Path, force: bool = False, min_cosine: float = 0.99,
+             fidelity_data: str | Path | None = None) -> dict:
     """PyTorch dynamic int8 of the Linear layers as a checkpoint artifact, with size and fidelity."""
     from edgekit.artifact import staging, write_manifest
     from edgekit.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
@@ -202,6 +206,7 @@ def quantize(target: str | Path, out: str | Path, force: bool = False, min_cosin
     from runtimes.torch import TorchRunner
 
     res = resolve(target)
+    text, source = res.fidelity_text(fidelity_data)
     model = res.load_model()
     out = Path(out)
     spec = DecoderSpec(res.cfg)
@@ -215,7 +220,7 @@ def quantize(target: str | Path, out: str | Path, force: bool = False, min_cosin
                 TorchRunner(Resolved("checkpoint", res.name, res.cfg, tmp, model=quantized)) as q, \
                 progress("checking int8 fidelity", len(validation_cases(spec))) as advance:
             report = validate(ref, q, spec, tolerance=None, min_cosine=min_cosine, advance=advance,
-                              text=res.fidelity_text())
+                              text=text, text_source=source)
         manifest = write_manifest(tmp, format="checkpoint", precision="int8", quantization=METHOD, model=res.name,
                                   family=res.cfg.family, source=str(res.path or res.name), validation={"int8": report},
                                   size={"fp32_bytes": fp32_bytes, "int8_bytes": int8_bytes,

@@ -246,19 +246,9 @@ def _link_or_copy(src: Path, dst: Path) -> str:
 
 def read_tokens(directory: Path, cfg: HFConfig, data: Path) -> list[int]:
     from edgekit.hf import HFTokenizer
+    from edgekit.resolve import read_text
 
-    data = Path(data)
-    if not data.is_file():
-        raise EdgekitError(f"calibration data {data} does not exist", "pass --data a plain UTF-8 text file")
-    try:
-        text = data.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise EdgekitError(f"{data} is not UTF-8 text ({e.reason} at byte {e.start})",
-                           "pass --data a plain UTF-8 text file") from None
-    except OSError as e:
-        raise EdgekitError(f"cannot read {data}: {e.strerror or e}") from None
-    if not text.strip():
-        raise EdgekitError(f"calibration data {data} is empty", "pass --data a file with representative text")
+    text = read_text(data, "--data")
     return HFTokenizer(directory, cfg).encode(text)
 
 

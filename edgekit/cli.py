@@ -28,6 +28,9 @@ Target = Annotated[str, typer.Argument(help="Preset name (see 'edgekit models'),
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 OutDir = Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")]
+FidelityData = Annotated[Path | None, typer.Option(
+    "--fidelity-data", help="Text file the int8 fidelity check decodes (default: random tokens; task text for the "
+    "reference checkpoints).")]
 
 
 def emit(data, as_json: bool, render=None) -> None:
@@ -106,12 +109,13 @@ def export(
     precision: Annotated[str | None, typer.Option(help="TensorRT precision (default fp16).")] = None,
     min_cosine: Annotated[float | None, typer.Option("--min-cosine", help="Fail below this logit cosine (default "
                                                      "0.99 for onnx int8; tensorrt: fp16 0.999, int4 0.95).")] = None,
+    fidelity_data: FidelityData = None,
     force: Force = False,
     as_json: JsonOut = False,
 ) -> None:
     """Export to an artifact directory (model, config, manifest); validation failures fail the command."""
     r = api.export(target, fmt, out, int8=int8, force=force, min_cosine=min_cosine, device=device,
-                   context=context, precision=precision)
+                   context=context, precision=precision, fidelity_data=fidelity_data)
     if as_json:
         emit(r, True)
         return
@@ -122,7 +126,8 @@ def export(
                       f"{v['fp32']['max_abs_diff']:.2e}, skip patterns {v['fp32']['distinct_skip_patterns']}")
     if "int8" in v:
         console.print(f"int8: size {r['size']['int8_over_fp32']:.1%} of fp32, logit cosine "
-                      f"{v['int8']['logit_cosine_mean']:.5f}, argmax agreement {v['int8']['argmax_agreement']:.1%}")
+                      f"{v['int8']['logit_cosine_mean']:.5f}, argmax agreement {v['int8']['argmax_agreement']:.1%} "
+                      f"(on {v['int8']['inputs']})")
     for name, rep in v.get("onnxruntime_cpu", {}).items():
         console.print(f"validated in ONNX Runtime ({name.replace('_', ' ')}): logit cosine "
                       f"{rep['logit_cosine_mean']:.5f}, argmax agreement {rep['argmax_agreement']:.1%}")
@@ -137,17 +142,18 @@ def quantize(
     target: Target,
     out: OutDir,
     min_cosine: Annotated[float, typer.Option("--min-cosine", help="Fail below this logit cosine.")] = 0.99,
+    fidelity_data: FidelityData = None,
     force: Force = False,
     as_json: JsonOut = False,
 ) -> None:
     """PyTorch dynamic int8 of the Linear layers, written as a safetensors checkpoint artifact."""
-    r = api.quantize(target, out, force=force, min_cosine=min_cosine)
+    r = api.quantize(target, out, force=force, min_cosine=min_cosine, fidelity_data=fidelity_data)
     if as_json:
         emit(r, True)
         return
     v = r["validation"]["int8"]
     console.print(f"wrote {r['out']}: size {r['size']['int8_over_fp32']:.1%} of fp32, logit cosine "
-                  f"{v['logit_cosine_mean']:.5f}, argmax agreement {v['argmax_agreement']:.1%}")
+                  f"{v['logit_cosine_mean']:.5f}, argmax agreement {v['argmax_agreement']:.1%} (on {v['inputs']})")
 
 
 @app.command("calibrate-skip")

@@ -45,14 +45,28 @@ class Resolved:
                            "pass a preset name or a checkpoint directory")
 
 
-    def fidelity_text(self) -> list[int] | None:
-        """In-distribution token ids for int8 fidelity checks: a checkpoint trained on edgekit's task suite
-        (its manifest records held-out accuracy) is judged on task text, not on random tokens."""
+    def tokenizer(self):
+        """The model's own tokenizer: tokenizer.json for Hugging Face models, else edgekit's byte tokenizer."""
+        if self.cfg.family.startswith("hf-"):
+            from edgekit.hf import HFTokenizer
+
+            return HFTokenizer(self.path, self.cfg)
+        from edgekit.tokenizer import ByteTokenizer
+
+        return ByteTokenizer()
+
+    def fidelity_text(self, data: str | Path | None = None) -> tuple[list[int] | None, str]:
+        """In-distribution token ids for int8 fidelity checks, and where they come from: the text file
+        `data` (tokenized by the model's tokenizer); else, for a checkpoint trained on edgekit's task suite
+        (its manifest records held-out accuracy), task text; else none (seeded random tokens)."""
+        if data is not None:
+            ids = self.tokenizer().encode(read_text(data, "--fidelity-data"))
+            return ids, f"text from {data} ({len(ids)} tokens)"
         if self.manifest.get("heldout") is None:
-            return None
+            return None, "random tokens"
         from edgekit import tasks
 
-        return tasks.text_ids(tasks.sample(tasks.test_split(), per_cell=2))
+        return tasks.text_ids(tasks.sample(tasks.test_split(), per_cell=2)), "task text (the model's training tasks)"
 
 
 def resolve(target: str | Path) -> Resolved:
@@ -89,3 +103,20 @@ def read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise EdgekitError(f"cannot read {path}: {e}") from None
+
+
+def read_text(path: str | Path, option: str) -> str:
+    """A non-empty UTF-8 text file given on the command line as `option`; one-line errors otherwise."""
+    path = Path(path)
+    fix = f"pass {option} a plain UTF-8 text file"
+    if not path.is_file():
+        raise EdgekitError(f"{path} does not exist", fix)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgekitError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})", fix) from None
+    except OSError as e:
+        raise EdgekitError(f"cannot read {path}: {e.strerror or e}") from None
+    if not text.strip():
+        raise EdgekitError(f"{path} is empty", f"pass {option} a file with representative text")
+    return text

@@ -232,18 +232,19 @@ def validation_cases(spec: DecoderSpec) -> list[dict]:
 
 
 def validate(reference, candidate, spec: DecoderSpec, tolerance: float | None = 1e-4, min_cosine: float | None = None,
-             advance=lambda *a, **k: None, text=None) -> dict:
+             advance=lambda *a, **k: None, text=None, text_source: str = "text") -> dict:
     """Run both runners (activated) on the same seeded inputs and compare.
 
     tolerance: fp32 max-abs-diff bound per output; min_cosine: logit cosine floor (quantized graphs).
-    text: token ids the model was trained on (Resolved.fidelity_text); with min_cosine, the fidelity
-    inputs are windows of it instead of random tokens, which are out of distribution for a trained model.
+    text: in-distribution token ids (Resolved.fidelity_text; `text_source` says what they are); with
+    min_cosine, the fidelity inputs are windows of it instead of random tokens, which are out of
+    distribution for a trained model.
     Returns the report; raises EdgekitError on a name/shape mismatch, a skip-pattern mismatch or a miss.
     """
     cases = validation_cases(spec)
     text = text if min_cosine is not None else None
     report = {"cases": [], "tolerance": tolerance, "min_cosine": min_cosine,
-              "inputs": "random tokens" if text is None else "the model's training distribution"}
+              "inputs": "random tokens" if text is None else text_source}
     cos_all, agree, total = [], 0, 0
     for i, case in enumerate(cases):
         feeds = spec.dummy(*case["shape"], seed=100 + i, thresholds=case["thresholds"], text=text)

@@ -92,8 +92,11 @@ def test_int8_export_quantizes_every_large_weight(hf_models, tmp_path):
     from exporters.onnx import large_float_weights
 
     d, _ = hf_models["llama"]
-    r = api.export(d, "onnx", tmp_path / "int8", int8=True)
+    text = tmp_path / "text.txt"  # the int8 check decodes this text, tokenized by the model's tokenizer.json
+    text.write_text("the edge model runs on every device " * 8)
+    r = api.export(d, "onnx", tmp_path / "int8", int8=True, fidelity_data=text)
     assert r["precision"] == "int8" and r["validation"]["int8"]["passed"]
+    assert r["validation"]["int8"]["inputs"] == f"text from {text} (56 tokens)"  # 7 words x 8, word-level
     assert large_float_weights(tmp_path / "int8" / "model.onnx") == []
     assert r["size"]["int8_over_fp32"] < 0.45
 

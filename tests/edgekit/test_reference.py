@@ -193,8 +193,9 @@ def test_training_script_runs_end_to_end(tmp_path, monkeypatch):
 def test_fidelity_text_is_task_text_windows():
     from exporters.spec import DecoderSpec
 
-    text = resolve("r1-ref").fidelity_text()
-    assert text == tasks.text_ids(tasks.sample(tasks.test_split(), 2)) and resolve("r1-tiny").fidelity_text() is None
+    text, _ = resolve("r1-ref").fidelity_text()
+    assert text == tasks.text_ids(tasks.sample(tasks.test_split(), 2))
+    assert resolve("r1-tiny").fidelity_text() == (None, "random tokens")
     feeds = DecoderSpec(resolve("r1-ref").cfg).dummy(3, 9, 0, seed=1, text=text)
     joined = ",".join(map(str, text))
     for row in feeds["input_ids"].tolist():  # each row is a contiguous window of the text
@@ -209,5 +210,5 @@ def test_int8_of_a_trained_checkpoint_is_checked_on_task_text(tmp_path):
 
     r = quantize("v3-ref", tmp_path / "q")  # default floor 0.99
     report = r["validation"]["int8"]
-    assert report["inputs"] == "the model's training distribution" and report["passed"]
+    assert report["inputs"] == "task text (the model's training tasks)" and report["passed"]
     assert report["logit_cosine_mean"] >= 0.99

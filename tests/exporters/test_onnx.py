@@ -170,6 +170,7 @@ def test_torch_int8_quantize_round_trip(tmp_path, cli):
     r = json.loads(out)
     assert r["precision"] == "int8" and r["size"]["int8_over_fp32"] < 0.6
     assert r["validation"]["int8"]["logit_cosine_mean"] >= 0.99
+    assert r["validation"]["int8"]["inputs"] == "random tokens"
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
@@ -177,3 +178,20 @@ def test_torch_int8_quantize_round_trip(tmp_path, cli):
     assert dtypes == {"I8"}
     g = api.generate(tmp_path / "q", "hi", max_new_tokens=4)
     assert g["runtime"] == "torch" and len(g["tokens"]) == 4
+
+
+def test_fidelity_data_is_the_text_the_int8_check_decodes(tmp_path, cli):
+    from edgekit.tokenizer import ByteTokenizer
+
+    text = tmp_path / "prompts.txt"
+    text.write_text("sort 83751=13578\nrev hello=olleh\n")
+    code, out, err = cli("quantize", "r1-tiny", "--out", tmp_path / "q", "--fidelity-data", text, "--json")
+    assert code == 0, err
+    n = len(ByteTokenizer().encode(text.read_text()))  # the model's tokenizer: bytes (+ BOS)
+    assert json.loads(out)["validation"]["int8"]["inputs"] == f"text from {text} ({n} tokens)"
+    for bad, why in ((tmp_path / "missing.txt", "does not exist"), (tmp_path / "empty.txt", "is empty")):
+        if bad.name == "empty.txt":
+            bad.write_text(" \n")
+        code, out, err = cli("quantize", "r1-tiny", "--out", tmp_path / "q2", "--fidelity-data", bad)
+        assert code == 1 and why in err and "--fidelity-data" in err and "Traceback" not in err
+        assert not (tmp_path / "q2").exists()
