@@ -75,7 +75,94 @@ def export_graph(model: CausalLM, path: Path, dtype: torch.dtype = torch.float32
         model_proto.graph.input.extend(keep)
     _rename_dynamic_axes(model_proto, spec)
     strip_debug_info(model_proto)
+    hoist_branch_invariants(model_proto)
     save_external(model_proto, path)
+
+
+def _has_subgraph(node) -> bool:
+    return any(a.g.node or a.graphs for a in node.attribute)
+
+
+def _rename_inputs(graph, rename: dict[str, str]) -> None:
+    for node in graph.node:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+        for a in node.attribute:
+            for g in [a.g, *a.graphs]:
+                _rename_inputs(g, rename)
+    for o in graph.output:
+        o.name = rename.get(o.name, o.name)
+
+
+def _attribute_key(node) -> tuple[bytes, ...]:
+    """A node's attributes as bytes, a tensor's name left out (Constants with equal values are equal)."""
+    out = []
+    for a in sorted(node.attribute, key=lambda a: a.name):
+        if a.HasField("t") and a.t.name:
+            a = type(a).FromString(a.SerializeToString())
+            a.t.name = ""
+        out.append(a.SerializeToString())
+    return tuple(out)
+
+
+def hoist_branch_invariants(model_proto) -> dict[str, int]:
+    """Move the nodes of each If branch that do not depend on the *data* of the graph inputs (sizes,
+    positions, the positional part of R1's routing mask, relative-position lookups) into the main graph,
+    in front of their If, then merge identical main-graph nodes. The dynamo exporter repeats that work in
+    every branch, where ONNX Runtime cannot share it: r1-mini ran ~810 extra nodes per decode step, about
+    half of what the `If`s cost (bench/README.md). Exact (the same nodes compute the same values), but
+    the hoisted nodes now also run for skipped layers. Returns the counts moved and merged."""
+    g = model_proto.graph
+    data = {i.name for i in g.input}  # values computed from input data (a Shape/Size of one is not)
+    defined = data | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+
+    def from_data(node) -> bool:
+        return node.op_type not in ("Shape", "Size") and any(i in data for i in node.input if i)
+
+    main, hoisted = [], 0
+    for node in g.node:
+        if node.op_type == "If":
+            for attr in node.attribute:
+                branch = attr.g
+                local = {t.name for t in branch.initializer} | {i.name for i in branch.input}
+                outputs = {o.name for o in branch.output}
+                keep = []
+                for x in branch.node:
+                    ins = [i for i in x.input if i]
+                    if (not _has_subgraph(x) and not from_data(x) and not any(i in local for i in ins)
+                            and not any(o in outputs or o in defined for o in x.output)):
+                        main.append(x)
+                        defined.update(x.output)
+                        hoisted += 1
+                    else:
+                        keep.append(x)
+                        local.update(x.output)
+                del branch.node[:]
+                branch.node.extend(keep)
+        if from_data(node) or node.op_type == "If":
+            data.update(node.output)
+        main.append(node)
+    # merge identical nodes (same op, inputs and attributes) of the main graph, graph outputs excepted
+    graph_outputs = {o.name for o in g.output}
+    seen, rename, nodes = {}, {}, []
+    for node in main:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+        if _has_subgraph(node):
+            for a in node.attribute:
+                for sub in [a.g, *a.graphs]:
+                    _rename_inputs(sub, rename)
+            nodes.append(node)
+            continue
+        key = (node.op_type, node.domain, tuple(node.input), _attribute_key(node))
+        first = seen.get(key)
+        if (first is not None and not node.op_type.startswith("Random") and not graph_outputs & set(node.output)
+                and len(first.output) == len(node.output)):
+            rename.update(zip(node.output, first.output))
+            continue
+        seen.setdefault(key, node)
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return {"hoisted": hoisted, "merged": len(main) - len(nodes)}
 
 
 def strip_debug_info(model_proto) -> None:

@@ -195,3 +195,59 @@ def test_fidelity_data_is_the_text_the_int8_check_decodes(tmp_path, cli):
         code, out, err = cli("quantize", "r1-tiny", "--out", tmp_path / "q2", "--fidelity-data", bad)
         assert code == 1 and why in err and "--fidelity-data" in err and "Traceback" not in err
         assert not (tmp_path / "q2").exists()
+
+
+def _two_gated_layers():
+    """x -> If(c0){ x * (len(x) + 1) } -> If(c1){ . * (len(x) + 1) }: the size work is data-independent and
+    the same in both branches (as R1's positional routing is); the multiplications depend on x."""
+    from onnx import TensorProto, helper
+
+    def branch(name: str, src: str):
+        one = helper.make_tensor(f"{name}_one", TensorProto.FLOAT, [], [1.0])
+        nodes = [helper.make_node("Shape", ["x"], [f"{name}_shape"]),
+                 helper.make_node("Cast", [f"{name}_shape"], [f"{name}_n"], to=TensorProto.FLOAT),
+                 helper.make_node("Constant", [], [f"{name}_c"], value=one),
+                 helper.make_node("Add", [f"{name}_n", f"{name}_c"], [f"{name}_scale"]),
+                 helper.make_node("Mul", [src, f"{name}_scale"], [f"{name}_out"])]
+        out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["n"])
+        return helper.make_graph(nodes, name, [], [out])
+
+    def skip(name: str, src: str):
+        return helper.make_graph([helper.make_node("Identity", [src], [f"{name}_out"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["n"])])
+
+    nodes = [helper.make_node("If", ["c0"], ["h0"], then_branch=branch("run0", "x"), else_branch=skip("skip0", "x")),
+             helper.make_node("If", ["c1"], ["h1"], then_branch=branch("run1", "h0"),
+                              else_branch=skip("skip1", "h0"))]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]),
+              *(helper.make_tensor_value_info(c, TensorProto.BOOL, []) for c in ("c0", "c1"))]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("h1", TensorProto.FLOAT, ["n"])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_hoisting_moves_data_independent_branch_work_out_once_and_keeps_outputs():
+    import onnxruntime as ort
+
+    from exporters.onnx import hoist_branch_invariants
+
+    before = _two_gated_layers()
+    after = _two_gated_layers()
+    assert hoist_branch_invariants(after) == {"hoisted": 8, "merged": 4}  # 4 size nodes x 2 branches, one copy kept
+    onnx.checker.check_model(after)
+    assert [n.op_type for n in after.graph.node] == ["Shape", "Cast", "Constant", "Add", "If", "If"]
+    assert all([n.op_type for n in a.g.node] in (["Mul"], ["Identity"]) for n in after.graph.node
+               if n.op_type == "If" for a in n.attribute)  # only the data-dependent op stays in the branch
+    x = np.arange(1, 4, dtype=np.float32)
+    for c0, c1 in ((True, True), (True, False), (False, True), (False, False)):
+        feeds = {"x": x, "c0": np.array(c0), "c1": np.array(c1)}
+        want = ort.InferenceSession(before.SerializeToString()).run(None, feeds)[0]
+        got = ort.InferenceSession(after.SerializeToString()).run(None, feeds)[0]
+        np.testing.assert_array_equal(got, want)
+        assert np.array_equal(want, x * 4.0 ** (c0 + c1))
+
+
+def test_exported_r1_branches_hold_only_data_dependent_work(onnx_r1_tiny):
+    from exporters.onnx import hoist_branch_invariants
+
+    model = onnx.load(str(onnx_r1_tiny / "model.onnx"), load_external_data=False)
+    assert hoist_branch_invariants(model) == {"hoisted": 0, "merged": 0}  # the exporter already did it all
