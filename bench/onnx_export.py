@@ -49,6 +49,23 @@ def artifact(work: Path, name: str, target, int8_from: Path | None = None) -> Pa
     return out
 
 
+def unhoisted(work: Path) -> Path:
+    """r1-mini exported without exporters.onnx.hoist_branch_invariants: the ablation that shows what
+    moving the branches' data-independent work out of the If nodes saves."""
+    import exporters.onnx as onnx_exporter
+
+    out = work / "r1-mini-unhoisted"
+    if (out / "manifest.json").is_file():
+        return out
+    hoist = onnx_exporter.hoist_branch_invariants
+    onnx_exporter.hoist_branch_invariants = lambda proto: {"hoisted": 0, "merged": 0}
+    try:
+        api.export("r1-mini", "onnx", out, force=True)
+    finally:
+        onnx_exporter.hoist_branch_invariants = hoist
+    return out
+
+
 def session(path: Path):
     import onnxruntime as ort
 
@@ -93,7 +110,8 @@ def main() -> None:
         save_checkpoint(ungated, ungated_ckpt)
     arts = {"v3-mini fp32": artifact(args.work, "v3-mini", "v3-mini"),
             "r1-mini fp32": artifact(args.work, "r1-mini", "r1-mini"),
-            "r1-mini fp32 no gates": artifact(args.work, "r1-mini-ungated", ungated_ckpt)}
+            "r1-mini fp32 no gates": artifact(args.work, "r1-mini-ungated", ungated_ckpt),
+            "r1-mini fp32 unhoisted": unhoisted(args.work)}
     arts["v3-mini int8"] = artifact(args.work, "v3-mini-int8", None, arts["v3-mini fp32"])
     arts["r1-mini int8"] = artifact(args.work, "r1-mini-int8", None, arts["r1-mini fp32"])
     export_seconds = time.time() - t0
@@ -161,6 +179,8 @@ def main() -> None:
         "r1_skip_curve_decode_ms": {f: d[f"r1-mini fp32 skip {f:.0%}"] for f in skip_fracs},
         "r1_half_skip_fraction_of_ideal_saving": round((all_run - half) / ideal_half_saving, 3),
         "if_overhead_when_nothing_skipped": round(all_run / d["r1-mini fp32 no gates skip 0%"] - 1, 4),
+        "if_overhead_without_hoisting": round(d["r1-mini fp32 unhoisted skip 0%"] / d["r1-mini fp32 no gates skip 0%"]
+                                              - 1, 4),
     }
     try:
         import subprocess
