@@ -84,9 +84,7 @@ def generate(
     as_json: JsonOut = False,
 ) -> None:
     """Generate text with a preset, checkpoint or exported artifact."""
-    if (prompt is None) == (chat is None):
-        raise EdgekitError("generate needs one of --prompt or --chat", "--prompt TEXT continues text; --chat MESSAGE "
-                           "answers it through the model's chat template")
+    _one_of(prompt, chat, "generate")
     r = api.generate(target, prompt if chat is None else chat, max_new_tokens=max_new_tokens, threshold=threshold,
                      temperature=temperature, top_k=top_k, seed=seed, runtime=runtime, chat=chat is not None)
     if as_json:
@@ -96,6 +94,12 @@ def generate(
     if r.get("layer_slots"):
         console.print(f"[dim]{r['runtime']}: skipped {r['skipped']} of {r['layer_slots']} gated-layer executions "
                       f"({100 * r['skipped'] / r['layer_slots']:.0f}%)[/dim]")
+
+
+def _one_of(prompt: str | None, chat: str | None, command: str) -> None:
+    if (prompt is None) == (chat is None):
+        raise EdgekitError(f"{command} needs one of --prompt or --chat", "--prompt TEXT continues text; --chat "
+                           "MESSAGE answers it through the model's chat template")
 
 
 @app.command()
@@ -263,7 +267,9 @@ def install_cmd(
 @app.command("run")
 def run_cmd(
     target: Annotated[Path, typer.Argument(help="Installed bundle directory, or a bundle file.")],
-    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Text to continue.")] = None,
+    chat: Annotated[str | None, typer.Option("--chat", help="A user message, rendered with the model's chat "
+                                             "template (Hugging Face models) and answered.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 16,
     public_key: PublicKey = None,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Override the bundle's threshold.")] = None,
@@ -274,8 +280,9 @@ def run_cmd(
     """Run an installed bundle (or verify and run a bundle file) with its runtime and settings."""
     from edgekit import package as bundles
 
-    r = bundles.run(target, prompt, max_new_tokens=max_new_tokens, public_key=public_key, threshold=threshold,
-                    force=force)
+    _one_of(prompt, chat, "run")
+    r = bundles.run(target, prompt if chat is None else chat, max_new_tokens=max_new_tokens, public_key=public_key,
+                    threshold=threshold, force=force, chat=chat is not None)
     if as_json:
         emit(r, True)
         return

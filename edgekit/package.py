@@ -837,10 +837,11 @@ def read_installed(directory: str | Path, public_key: str | Path | None = None) 
 
 def run(target: str | Path, prompt: str, max_new_tokens: int = 16, public_key: str | Path | None = None,
         threshold: float | None = None, runtime: str | None = None, threads: int | None = None,
-        temperature: float = 0.0, top_k: int = 0, seed: int = 0, force: bool = False) -> dict:
+        temperature: float = 0.0, top_k: int = 0, seed: int = 0, force: bool = False, chat: bool = False) -> dict:
     """Run an installed bundle, or verify and install a bundle file into a temporary directory and run it.
 
-    The bundle's settings (runtime, threads, threshold) apply unless given here.
+    The bundle's settings (runtime, threads, threshold) apply unless given here; chat=True answers `prompt`
+    as a user message through the model's chat template (Hugging Face models that have one).
     """
     from edgekit.api import generate
 
@@ -850,7 +851,7 @@ def run(target: str | Path, prompt: str, max_new_tokens: int = 16, public_key: s
             dest = Path(td) / "bundle"
             install(target, dest, public_key=public_key, force=force)
             return {**run(dest, prompt, max_new_tokens, public_key, threshold, runtime, threads, temperature,
-                          top_k, seed), "bundle": str(target)}
+                          top_k, seed, chat=chat), "bundle": str(target)}
     if not target.is_dir():
         raise EdgekitError(f"{target} does not exist", "pass an installed bundle directory or a bundle file")
     manifest = read_installed(target, public_key)
@@ -865,7 +866,7 @@ def run(target: str | Path, prompt: str, max_new_tokens: int = 16, public_key: s
     result = generate(target, prompt, max_new_tokens=max_new_tokens,
                       threshold=threshold if threshold is not None else s.get("threshold"),
                       temperature=temperature, top_k=top_k, seed=seed, runtime=runtime or s.get("runtime"),
-                      **{k: v for k, v in options.items() if v})
+                      chat=chat, **{k: v for k, v in options.items() if v})
     return {**result, "bundle": str(target), "device": manifest["compatibility"].get("device")}
 
 

@@ -224,7 +224,8 @@ def test_chat_errors_are_one_line(hf_models, cli):
     for args, message in ((["generate", str(llama), "--chat", "hi"], "llama has no chat template"),
                           (["generate", "r1-tiny", "--chat", "hi"], "r1-tiny has no chat template"),
                           (["generate", str(qwen)], "generate needs one of --prompt or --chat"),
-                          (["generate", str(qwen), "--prompt", "a", "--chat", "b"], "one of --prompt or --chat")):
+                          (["generate", str(qwen), "--prompt", "a", "--chat", "b"], "one of --prompt or --chat"),
+                          (["run", str(qwen)], "run needs one of --prompt or --chat")):
         code, out, err = cli(*args)
         assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
@@ -242,7 +243,9 @@ def test_bundle_of_a_hf_export_carries_its_tokenizer_and_runs(hf_models, tmp_pat
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in dest.iterdir()}
     got = bundles.run(dest, "the edge model runs", max_new_tokens=6)
     assert got["tokens"] == api.generate(art, "the edge model runs", max_new_tokens=6)["tokens"]
-    assert api.generate(dest, "the edge model", max_new_tokens=2, chat=True)["chat_prompt"].startswith("<s>user")
+    chat = bundles.run(bundle, "the edge model", max_new_tokens=2, chat=True)  # the bundle file: verify, install, run
+    assert chat["chat_prompt"].startswith("<s>user")
+    assert chat["tokens"] == api.generate(art, "the edge model", max_new_tokens=2, chat=True)["tokens"]
     # an HF export without its tokenizer is refused, not bundled with edgekit's byte tokenizer
     bare = tmp_path / "bare"
     shutil.copytree(art, bare)
