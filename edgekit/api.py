@@ -56,12 +56,8 @@ def generate(target: str | Path, prompt: str, max_new_tokens: int = 16, threshol
     if max_new_tokens < 1:
         raise EdgekitError("--max-new-tokens must be at least 1")
     runner = open_runner(target, runtime, **runner_options)
-    if runner.cfg.family.startswith("hf-"):
-        from edgekit.hf import HFTokenizer
-
-        tok = HFTokenizer(runner.resolved.path, runner.cfg)
-    else:
-        tok = ByteTokenizer()
+    tok = runner.resolved.tokenizer()
+    if isinstance(tok, ByteTokenizer):
         if chat:
             raise EdgekitError(f"{runner.cfg.name} has no chat template (edgekit's presets use a byte tokenizer)",
                                "use --prompt TEXT, or a Hugging Face model directory with a chat template")
