@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgekit import calibrate  # noqa: E402
-from edgekit.hf import HFTokenizer, load, read_hf_config  # noqa: E402
+from edgekit.hfconfig import HFTokenizer, read_hf_config  # noqa: E402
+from edgekit.models.hf import load  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SEQ = 128

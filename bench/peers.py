@@ -231,13 +231,15 @@ def prepare(name: str, work: Path, threads: int) -> dict:
 
     from edgekit.checkpoint import save_checkpoint
     from edgekit.resolve import Resolved, resolve
-    from exporters.spec import DecoderSpec
+    from edgekit.spec import DecoderSpec
     from runtimes import open_runner
     from runtimes.torch import TorchRunner
 
     log(f"preparing {name}")
     res = resolve(name)
-    model = res.load_model()
+    from edgekit.checkpoint import load_model
+
+    model = load_model(res)
     spec = DecoderSpec(res.cfg)
     fp32 = TorchRunner(Resolved(res.kind, res.name, res.cfg, res.path, model=model), threads=threads)
     with fp32:

@@ -8,7 +8,7 @@ from edgekit.errors import EdgekitError
 
 
 def list_models() -> list[dict]:
-    from edgekit.checkpoint import read_config
+    from edgekit.config import read_config
     from edgekit.models import PRESETS, build, param_counts
     from edgekit.resolve import REFERENCE
 
@@ -28,7 +28,7 @@ def model_info(target: str | Path) -> dict:
 
     res = resolve(target)
     if res.cfg.family.startswith("hf-"):  # a Hugging Face directory (or an artifact exported from one)
-        from edgekit.hf import weight_counts
+        from edgekit.hfconfig import weight_counts
 
         return {"name": res.name, "kind": res.kind, "path": str(res.path or ""), "config": res.cfg.to_dict(),
                 **({"params": weight_counts(res.path)} if res.kind == "hf" else {}),
@@ -115,13 +115,15 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
         raise unknown_name("format", fmt, FORMATS)
     res = resolve(target)
     text = res.fidelity_text(fidelity_data) if int8 and fmt == "onnx" else (None, "")
-    model = res.load_model()
+    from edgekit.checkpoint import load_model
+
+    model = load_model(res)
     if getattr(model, "quantized", False):
         raise EdgekitError(f"{target} is a torch-int8 checkpoint", "export the fp32 model; --int8 quantizes the graph")
     out = Path(out)
     with staging(out, force) as tmp:
         if res.kind == "hf":
-            from edgekit.hf import write_side_files
+            from edgekit.hfconfig import write_side_files
 
             write_side_files(tmp, res.path)
         else:
@@ -145,8 +147,8 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
     import shutil
 
     from edgekit.resolve import Resolved
+    from edgekit.spec import DecoderSpec
     from exporters import onnx as onnx_exporter
-    from exporters.spec import DecoderSpec
     from runtimes.onnxruntime import OnnxRuntimeRunner
     from runtimes.torch import TorchRunner
 
@@ -162,7 +164,7 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
             progress("validating fp32 graph against PyTorch", n_cases) as advance:
         validation = onnx_exporter.validate(reference, fp32_runner, spec, tolerance=tolerance, advance=advance)
         if res.kind == "hf":  # MoE: inputs that reach every routed expert, graph == PyTorch on them
-            from edgekit.hf import check_experts
+            from edgekit.models.hf import check_experts
 
             experts = check_experts(model, fp32_runner, spec, tolerance)
             if experts:
@@ -197,13 +199,15 @@ def quantize(target: str | Path, out: str | Path, force: bool = False, min_cosin
     from edgekit.progress import progress
     from edgekit.quantize import METHOD
     from edgekit.resolve import Resolved, resolve
+    from edgekit.spec import DecoderSpec
     from exporters.onnx import validate, validation_cases
-    from exporters.spec import DecoderSpec
     from runtimes.torch import TorchRunner
 
     res = resolve(target)
     text, source = res.fidelity_text(fidelity_data)
-    model = res.load_model()
+    from edgekit.checkpoint import load_model
+
+    model = load_model(res)
     out = Path(out)
     spec = DecoderSpec(res.cfg)
     with staging(out, force) as tmp:

@@ -15,7 +15,7 @@ A pretrained qwen2 / llama / deepseek_v3 model has no skip gates, so we fit them
    perplexity stays within --max-ppl-increase of the ungated model in both modes.
 4. Write. A checkpoint directory: the source's config/tokenizer files, its *.safetensors hard-linked
    (copied across file systems), skip_gates.safetensors (the probes) and skip_gates.json (gated
-   layers, default threshold, calibration stats). edgekit.hf resolves it as a gated model.
+   layers, default threshold, calibration stats). edgekit.hfconfig resolves it as a gated model.
 
 The KV cache of a skipped layer: later tokens attend to every layer's cache, so a skipped layer must
 still append its K/V. As R1 does, each gated layer computes x = input_layernorm(h) and its cached K/V
@@ -36,201 +36,14 @@ import json
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from edgekit.errors import EdgekitError
-from edgekit.hf import HFCausalLM, HFConfig
-
-GATES_FILE = "skip_gates.safetensors"
-STATS_FILE = "skip_gates.json"
-FORMAT = "edgekit-skip-gates/1"
-
-
-class SkipGate(nn.Module):
-    """Predicted relative contribution r_hat = exp(x . w + b) per token [B, S] (x: the layer's normed input)."""
-
-    def __init__(self, d_model: int):
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(d_model))
-        self.b = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.exp(x @ self.w + self.b)
-
-
-class _FixedKV:
-    """Stands in for a transformers Cache inside the condition: `update` ignores what the attention
-    computed and returns the full K/V that were computed and appended outside the condition."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return self.k, self.v
-
-
-def _cache_kv(model_type: str, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """The (key, value) this layer's attention writes to its cache for the new tokens, computed as
-    transformers does (same modules, same rotary function), without the query or the attention."""
-    mod = sys.modules[type(attn).__module__]
-    b, s, _ = x.shape
-    if model_type == "deepseek_v3":  # MLA: cache = normed compressed latent, shared rotary key
-        ckv = attn.kv_a_proj_with_mqa(x)
-        k_pass, k_rot = torch.split(ckv, [attn.kv_lora_rank, attn.qk_rope_head_dim], dim=-1)
-        k_pass = attn.kv_a_layernorm(k_pass).view(b, 1, s, attn.kv_lora_rank)
-        k_rot = k_rot.view(b, 1, s, attn.qk_rope_head_dim)
-        rope = mod.apply_rotary_pos_emb_interleave if attn.config.rope_interleave else mod.apply_rotary_pos_emb
-        return k_pass, rope(k_rot, k_rot, cos, sin)[1]
-    shape = (b, s, -1, attn.head_dim)
-    k = attn.k_proj(x).view(shape).transpose(1, 2)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
-    return mod.apply_rotary_pos_emb(k, k, cos, sin)[1], v
-
-
-def _layer_rest(model_type: str, layer: nn.Module, h, x, k_all, v_all, cos, sin, mask) -> torch.Tensor:
-    """The decoder layer given its normed input x and the full K/V: query, attention, residual, MLP.
-    qwen2 / llama: spelled out with transformers' own rotary and eager attention functions, so nothing
-    computed outside the condition is recomputed inside. deepseek_v3: the transformers layer itself with
-    a cache stand-in returning the precomputed latent K/V (its norm and latent projection run again in
-    the branch: correct, a little wasted work)."""
-    if model_type == "deepseek_v3":
-        return layer(h, attention_mask=mask, position_embeddings=(cos, sin), cache=_FixedKV(k_all, v_all))
-    attn = layer.self_attn
-    mod = sys.modules[type(attn).__module__]
-    b, s, _ = x.shape
-    q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
-    q = mod.apply_rotary_pos_emb(q, q, cos, sin)[0]
-    out, _ = mod.eager_attention_forward(attn, q, k_all, v_all, mask, scaling=attn.scaling, dropout=0.0)
-    h = h + attn.o_proj(out.reshape(b, s, -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
-
-
-def _exporting() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
-
-
-class GatedHFCausalLM(HFCausalLM):
-    """HFCausalLM with a SkipGate per gated layer: forward(input_ids, past, thresholds) ->
-    (logits, presents, executed [n_layers] bool). Runs the decoder loop itself so that K/V and the
-    cache append sit outside each layer's condition."""
-
-    def __init__(self, hf: nn.Module, cfg: HFConfig, gates: dict[int, SkipGate]):
-        super().__init__(hf, cfg)
-        self.gates = nn.ModuleDict({str(i): g for i, g in gates.items()})
-        self.record: list | None = None  # calibration: per layer (x, r) of the last call
-        # Evaluation only (eager): decide per token instead of per call; executed is then [n_layers, B, S].
-        # Equals feeding the tokens one per call with the cache (a token's K/V come from its own hidden
-        # state, skipped or not), so decode-mode perplexity costs one forward.
-        self.per_token = False
-
-    def default_thresholds(self) -> torch.Tensor:
-        return torch.full((self.cfg.n_layers,), float(self.cfg.default_threshold))
-
-    def forward(self, input_ids: torch.Tensor, past=None, thresholds=None):
-        m = self.hf.model
-        b, s = input_ids.shape
-        dev = input_ids.device
-        past = past if past is not None else self.empty_past(b, dev)
-        thresholds = thresholds if thresholds is not None else self.default_thresholds().to(dev)
-        p = past[0][0].shape[2]
-        pos = torch.arange(s, device=dev) + p  # [S]
-        keys = torch.arange(p + s, device=dev)  # [P+S]
-        h = m.embed_tokens(input_ids)  # [B, S, D]
-        dtype = h.dtype
-        mask = torch.where(keys[None, :] <= pos[:, None], torch.zeros((), dtype=dtype, device=dev),
-                           torch.full((), torch.finfo(dtype).min, dtype=dtype, device=dev))
-        mask = mask[None, None].expand(b, 1, s, p + s)  # additive causal mask [B, 1, S, P+S]
-        cos, sin = m.rotary_emb(h, pos[None].expand(b, s))
-        presents, executed = [], []
-        for i, layer in enumerate(m.layers):
-            x = layer.input_layernorm(h)
-            k, v = _cache_kv(self.cfg.model_type, layer.self_attn, x, cos, sin)
-            k_all, v_all = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
-            presents.append((k_all, v_all))
-
-            def run(h, x, k_all, v_all, cos, sin, mask, layer=layer):
-                return _layer_rest(self.cfg.model_type, layer, h, x, k_all, v_all, cos, sin, mask)
-
-            gate = self.gates[str(i)] if str(i) in self.gates else None
-            operands = (h, x, k_all, v_all, cos, sin, mask)
-            if gate is None:
-                h = run(*operands)
-                executed.append(torch.ones((), dtype=torch.bool, device=dev))
-                continue
-            if self.per_token:  # evaluation: what token-by-token decoding would decide, in one pass
-                keep = gate(x) > thresholds[i]  # [B, S]
-                h = torch.where(keep[..., None], run(*operands), h)
-                executed.append(keep)
-                continue
-            pred = gate(x).mean() > thresholds[i]  # 0-D bool: one decision per layer per call
-            if _exporting():
-                h = torch.cond(pred, run, lambda h, *_: h.clone(), operands)
-            elif bool(pred):
-                h_in = h
-                h = run(*operands)
-                if self.record is not None:
-                    r = (h - h_in).norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-12)  # [B, S]
-                    self.record.append((i, x.detach(), r.detach()))
-            executed.append(pred)
-        logits = self.hf.lm_head(m.norm(h))
-        if self.per_token:
-            executed = [e.expand(b, s) for e in executed]
-        return logits, presents, torch.stack(executed)
-
-
-# --- checkpoint files -------------------------------------------------------------------------------
-
-def has_gates(directory: Path) -> bool:
-    return (Path(directory) / STATS_FILE).is_file()
-
-
-def read_stats(directory: Path) -> dict:
-    path = Path(directory) / STATS_FILE
-    try:
-        d = json.loads(path.read_text())
-        if d.get("format") != FORMAT:
-            raise ValueError(f"format {d.get('format')!r}, expected {FORMAT!r}")
-        [int(i) for i in d["gated_layers"]]
-        float(d["default_threshold"])
-        return d
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise EdgekitError(f"cannot read {path}: {e}", "rerun 'edgekit calibrate-skip'") from None
-
-
-def gated_config(cfg: HFConfig, directory: Path) -> HFConfig:
-    """cfg with the gated layers and default threshold from skip_gates.json (unchanged without one)."""
-    import dataclasses
-
-    if not has_gates(directory):
-        return cfg
-    d = read_stats(directory)
-    return dataclasses.replace(cfg, gated_layers=tuple(int(i) for i in d["gated_layers"]),
-                               default_threshold=float(d["default_threshold"]))
-
-
-def load_gated(hf: nn.Module, cfg: HFConfig, directory: Path) -> GatedHFCausalLM:
-    """The loaded transformers model plus the probes of skip_gates.safetensors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(directory) / GATES_FILE
-    try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as e:
-        raise EdgekitError(f"cannot read {path}: {e}", "rerun 'edgekit calibrate-skip'") from None
-    gates = {}
-    for i in cfg.gated_layers:
-        g = SkipGate(cfg.d_model)
-        try:
-            g.load_state_dict({"w": tensors[f"layers.{i}.w"], "b": tensors[f"layers.{i}.b"]})
-        except (KeyError, RuntimeError) as e:
-            raise EdgekitError(f"{path}: no valid gate for layer {i} ({e})", "rerun 'edgekit calibrate-skip'") from None
-        gates[i] = g
-    return GatedHFCausalLM(hf, cfg, gates).eval()
+from edgekit.hfconfig import FORMAT, GATES_FILE, STATS_FILE, HFConfig, has_gates
+from edgekit.models.hf import GatedHFCausalLM, SkipGate
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:
@@ -245,7 +58,7 @@ def _link_or_copy(src: Path, dst: Path) -> str:
 # --- measuring and fitting --------------------------------------------------------------------------
 
 def read_tokens(directory: Path, cfg: HFConfig, data: Path) -> list[int]:
-    from edgekit.hf import HFTokenizer
+    from edgekit.hfconfig import HFTokenizer
     from edgekit.resolve import read_text
 
     text = read_text(data, "--data")
@@ -373,7 +186,8 @@ def calibrate_skip(source: str | Path, data: str | Path, out: str | Path, layers
                    progress=None) -> dict:
     """Fit skip gates for a Hugging Face model directory on calibration text and write a gated checkpoint."""
     from edgekit.artifact import sha256_file, staging
-    from edgekit.hf import is_hf_dir, load, read_hf_config, write_side_files
+    from edgekit.hfconfig import is_hf_dir, read_hf_config, write_side_files
+    from edgekit.models.hf import load
 
     source = Path(source)
     if not source.is_dir() or not is_hf_dir(source):

@@ -1,4 +1,5 @@
-"""Checkpoints: a directory with config.json + model.safetensors. Loading never unpickles."""
+"""Loading PyTorch models: edgekit checkpoints (a directory with config.json + model.safetensors) and
+whatever a resolved target names (load_model). Loading never unpickles."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from edgekit.config import CONFIG, read_config
 from edgekit.errors import EdgekitError
-from edgekit.models import CausalLM, ModelConfig, build
+from edgekit.models import CausalLM, build
 
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
+WEIGHTS = "model.safetensors"
 
 
 def save_checkpoint(model: CausalLM, directory: Path, int8: bool = False) -> None:
@@ -27,17 +29,6 @@ def save_checkpoint(model: CausalLM, directory: Path, int8: bool = False) -> Non
         save_file(int8_state(model), str(directory / WEIGHTS), metadata={"quantization": METHOD})
     else:
         save_model(model, str(directory / WEIGHTS))
-
-
-def read_config(directory: Path) -> ModelConfig:
-    path = Path(directory) / CONFIG
-    if not path.is_file():
-        raise EdgekitError(f"{directory}: no {CONFIG}", "a checkpoint is a directory with config.json and "
-                           "model.safetensors")
-    try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise EdgekitError(f"{path} is not valid JSON: {e}") from None
 
 
 def load_checkpoint(directory: Path, device: str = "cpu") -> CausalLM:
@@ -75,3 +66,19 @@ def load_checkpoint(directory: Path, device: str = "cpu") -> CausalLM:
                                "the weights and the config come from different models")
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(torch.float32).eval()
+
+
+def load_model(res) -> CausalLM:
+    """The PyTorch model behind a resolved preset, checkpoint or Hugging Face directory (fp32, CPU)."""
+    if res.model is not None:
+        return res.model
+    if res.kind == "preset":
+        return build(res.cfg)
+    if res.kind == "checkpoint":
+        return load_checkpoint(res.path)
+    if res.kind == "hf":
+        from edgekit.models.hf import load
+
+        return load(res.path)
+    raise EdgekitError(f"{res.path} is an exported {res.kind} artifact, not a PyTorch model",
+                       "pass a preset name or a checkpoint directory")

@@ -227,7 +227,7 @@ def hf_shape(raw: dict, name: str) -> Shape:
     no weights are needed, so a directory with only config.json plans too."""
     import json
 
-    from edgekit.hf import SUPPORTED
+    from edgekit.hfconfig import SUPPORTED
 
     if raw.get("model_type") not in SUPPORTED:
         raise EdgekitError(f"cannot plan Hugging Face model_type '{raw.get('model_type')}'",
@@ -250,7 +250,7 @@ def shape(target) -> Shape:
 
         res = resolve(target)
         if res.cfg.family.startswith("hf-"):
-            from edgekit.hf import raw_config
+            from edgekit.hfconfig import raw_config
 
             return hf_shape(raw_config(res.path), res.name)
         target = res.cfg

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgekit.config import PRESETS, ModelConfig, preset, read_config
 from edgekit.errors import EdgekitError
-from edgekit.models import PRESETS, ModelConfig, preset
 
 # Trained reference checkpoints shipped inside the package (bench/train_reference.py writes them)
 REFERENCE = {name: Path(__file__).resolve().parent / "checkpoints" / name for name in ("v3-ref", "r1-ref")}
@@ -20,35 +20,16 @@ class Resolved:
     cfg: ModelConfig
     path: Path | None = None
     manifest: dict = field(default_factory=dict)
-    model: object = None  # an already loaded PyTorch model (skips loading)
+    model: object = None  # an already loaded PyTorch model (edgekit.models.load_model returns it)
 
     @property
     def default_runtime(self) -> str:
         return {"onnx": "onnxruntime", "engine": "tensorrt"}.get(self.kind, "torch")
 
-    def load_model(self):
-        """The PyTorch model behind a preset or checkpoint (fp32, CPU)."""
-        from edgekit.checkpoint import load_checkpoint
-        from edgekit.models import build
-
-        if self.model is not None:
-            return self.model
-        if self.kind == "preset":
-            return build(self.cfg)
-        if self.kind == "checkpoint":
-            return load_checkpoint(self.path)
-        if self.kind == "hf":
-            from edgekit.hf import load
-
-            return load(self.path)
-        raise EdgekitError(f"{self.path} is an exported {self.kind} artifact, not a PyTorch model",
-                           "pass a preset name or a checkpoint directory")
-
-
     def tokenizer(self):
         """The model's own tokenizer: tokenizer.json for Hugging Face models, else edgekit's byte tokenizer."""
         if self.cfg.family.startswith("hf-"):
-            from edgekit.hf import HFTokenizer
+            from edgekit.hfconfig import HFTokenizer
 
             return HFTokenizer(self.path, self.cfg)
         from edgekit.tokenizer import ByteTokenizer
@@ -71,7 +52,6 @@ class Resolved:
 
 def resolve(target: str | Path) -> Resolved:
     from edgekit.artifact import MANIFEST, read_manifest
-    from edgekit.checkpoint import read_config
 
     path = Path(target)
     if not path.exists() and str(target) in REFERENCE:
@@ -83,7 +63,7 @@ def resolve(target: str | Path) -> Resolved:
         raise EdgekitError(f"{target} does not exist", "pass a preset name (see 'edgekit models') or a directory")
     if not path.is_dir():
         raise EdgekitError(f"{target} is a file", "pass the artifact or checkpoint directory that contains it")
-    from edgekit.hf import is_hf_dir, read_hf_config
+    from edgekit.hfconfig import is_hf_dir, read_hf_config
 
     manifest = read_manifest(path) if (path / MANIFEST).is_file() else {}
     hf = is_hf_dir(path)  # a Hugging Face model directory, or an artifact exported from one

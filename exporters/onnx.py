@@ -13,7 +13,7 @@ from torch import nn
 
 from edgekit.errors import EdgekitError
 from edgekit.models import CausalLM
-from exporters.spec import DecoderSpec
+from edgekit.spec import DecoderSpec
 
 OPSET = 18
 MODEL_FILE = "model.onnx"

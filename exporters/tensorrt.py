@@ -632,7 +632,7 @@ def trtexec_command(recipe: dict) -> str:
 
 def make_recipe(cfg, profile, precision: str, context: int, weight_bytes: int, opset: int,
                 tensorrt_ok: list[str], tensorrt_refused: dict[str, str]) -> dict:
-    from exporters.spec import DecoderSpec
+    from edgekit.spec import DecoderSpec
 
     spec = DecoderSpec(cfg)
     derived = derive_profiles(cfg, int(profile.usable_gib * GIB), weight_bytes, context, profile.name)
@@ -709,8 +709,8 @@ def _torch_reference(model):
 def validate_against_torch(model, candidate, min_cosine: float, advance=None) -> dict:
     """Seeded cases (exporters.onnx.validation_cases); the logit-cosine gate; for R1 the skip pattern must match
     exactly where it is unambiguous (all gates open, all closed)."""
+    from edgekit.spec import DecoderSpec
     from exporters.onnx import validate, validation_cases
-    from exporters.spec import DecoderSpec
 
     spec = DecoderSpec(model.cfg)
     with _torch_reference(model) as ref:
@@ -1067,10 +1067,10 @@ def tempfile_dir(parent: Path):
 def _validate_engine_vs_onnx(work: Path, artifact: Path, recipe: dict) -> dict:
     """On the device there may be no PyTorch model, but the artifact's ONNX graph (validated against PyTorch at
     export) is the reference: the engine must agree with it in ONNX Runtime on the seeded cases."""
-    from edgekit.checkpoint import read_config
+    from edgekit.config import read_config
     from edgekit.resolve import Resolved
+    from edgekit.spec import DecoderSpec
     from exporters.onnx import validate
-    from exporters.spec import DecoderSpec
     from runtimes.tensorrt import TensorRTRunner
 
     cfg = read_config(artifact)

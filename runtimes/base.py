@@ -3,7 +3,7 @@
     activate (the expensive part: load, build a session/engine) -> infer ... -> deactivate
 
 The base class does the state and input checks; an engine fills in the *_impl methods. Feeds and
-outputs are numpy arrays named as in exporters.spec.DecoderSpec, so any two runners can be compared
+outputs are numpy arrays named as in edgekit.spec.DecoderSpec, so any two runners can be compared
 on identical seeded inputs.
 
 On top of `infer` every runner offers the same three generation entry points:
@@ -26,7 +26,7 @@ from edgekit.errors import EdgekitError
 from edgekit.generation import Generated, Step
 from edgekit.generation import generate as run_generation
 from edgekit.resolve import Resolved
-from exporters.spec import DecoderSpec
+from edgekit.spec import DecoderSpec
 
 
 class Session:

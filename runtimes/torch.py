@@ -63,7 +63,9 @@ class TorchRunner(Runner):
         if self.options.get("threads"):
             torch.set_num_threads(int(self.options["threads"]))
         given = self.resolved.model is not None
-        model = self.resolved.load_model()
+        from edgekit.checkpoint import load_model
+
+        model = load_model(self.resolved)
         self.quantized = bool(getattr(model, "quantized", False))
         if self.quantized and (dtype != "fp32" or device != "cpu"):
             raise EdgekitError(f"{self.resolved.name} is a torch-int8 checkpoint: it runs in fp32 on the CPU only "

@@ -1,5 +1,5 @@
 """Tiny random Hugging Face model directories built in code (no downloads), shared by the tests of
-edgekit.hf and edgekit.calibrate (on sys.path through pyproject's pytest `pythonpath`)."""
+edgekit.models.hf and edgekit.calibrate (on sys.path through pyproject's pytest `pythonpath`)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from edgekit.models.config import PRESETS, ModelConfig, preset
+from edgekit.config import PRESETS, ModelConfig, preset
 from edgekit.models.layers import CausalLM
 from edgekit.models.r1 import R1
 from edgekit.models.v3 import V3
@@ -30,3 +30,4 @@ def param_counts(model: CausalLM) -> dict[str, int]:
     per_block = sum(p.numel() for p in model.blocks[0].parameters())
     total = unique + per_block * (cfg.n_layers - len(model.blocks))
     return {"total": total, "unique": unique}
+

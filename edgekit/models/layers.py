@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekit.models.config import ModelConfig
+from edgekit.config import ModelConfig
 
 
 class Linear(nn.Module):

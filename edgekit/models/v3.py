@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgekit.models.config import ModelConfig
+from edgekit.config import ModelConfig
 from edgekit.models.layers import Block, CausalLM, Past, relative_indices
 
 

@@ -36,7 +36,7 @@ def test_nn_linear_swap_is_exact_and_quantize_dynamic_needs_it(name):
     assert info["quantized_modules_on_edgekit_model_as_is"] == 0  # edgekit's x @ W Linear is not nn.Linear
     assert info["quantized_modules_after_swap"] == len(model.blocks) * 8 + 1  # 7 per block + relpos gate + head
     res = resolve(name)
-    feeds = peers.probe_feeds(__import__("exporters.spec").spec.DecoderSpec(res.cfg))
+    feeds = peers.probe_feeds(__import__("edgekit.spec").spec.DecoderSpec(res.cfg))
     with TorchRunner(Resolved(res.kind, name, res.cfg, model=model)) as a, \
             TorchRunner(Resolved(res.kind, name, res.cfg, model=q)) as b:
         cos = peers.logits_cosine(b.infer(feeds)["logits"], a.infer(feeds)["logits"])

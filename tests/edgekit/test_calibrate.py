@@ -100,7 +100,7 @@ def test_checkpoint_files_links_and_stats(qwen):
 def test_measured_contribution_matches_transformers_hidden_states(qwen):
     """r_mean in the stats = mean ||h_out - h_in|| / ||h_in|| per token of transformers' own layers on
     the held-out chunks (recomputed here with forward hooks on the reference model)."""
-    from edgekit.hf import HFTokenizer, read_hf_config
+    from edgekit.hfconfig import HFTokenizer, read_hf_config
 
     d, data, gated, _, _ = qwen
     stats = json.loads((gated / "skip_gates.json").read_text())
@@ -145,7 +145,7 @@ def test_gates_are_if_nodes_with_thresholds_input_and_executed_output(qwen):
                          ids=["none-skipped", "skip-1", "skip-0", "all-skipped", "default"])
 def test_onnxruntime_equals_gated_pytorch(qwen, thresholds):
     """Prefill then a decode step on each side's own cache: logits, every present and executed agree."""
-    from edgekit.hf import load
+    from edgekit.models.hf import load
     from runtimes import open_runner
 
     _, _, gated, _, art = qwen
@@ -172,7 +172,7 @@ def test_onnxruntime_equals_gated_pytorch(qwen, thresholds):
 def test_token_by_token_decoding_equals_the_one_pass_per_token_evaluation(qwen):
     """Skipped layers' cached K/V are read by later tokens: decoding one token per call (each call its own
     decisions) must equal the one-pass per-token mode that calibrate-skip scores decode perplexity with."""
-    from edgekit.hf import load
+    from edgekit.models.hf import load
 
     _, _, gated, _, _ = qwen
     model = load(gated)
@@ -213,7 +213,7 @@ def _calibrated(tmp_path, arch):
 def test_gated_model_is_the_original_when_nothing_is_skipped(tmp_path, arch):
     """Thresholds 0: logits and cache equal the ungated model's, prefill and decode. Everything skipped:
     logits = lm_head(norm(embedding)), yet every layer's cache holds the K/V of the tokens it saw."""
-    from edgekit.hf import load
+    from edgekit.models.hf import load
 
     d, gated = _calibrated(tmp_path, arch)
     plain, model = load(d), load(gated)

@@ -110,14 +110,15 @@ def test_unsupported_model_type_refused_by_name(tmp_path):
 
 
 def test_pickled_weights_refused_and_missing_library_named(tmp_path, monkeypatch):
-    from edgekit import hf
+    from edgekit import hfconfig
+    from edgekit.models import hf
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", **COMMON}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(EdgekitError, match="safetensors"):
         hf.load(tmp_path)
     with pytest.raises(EdgekitError, match=r"pip install 'edgekit\[hf\]'"):
-        hf._require("transformers_not_installed_here")
+        hfconfig.require("transformers_not_installed_here")
 
 
 @pytest.fixture(scope="session")
@@ -162,7 +163,7 @@ def test_dropped_expert_fails_the_export(dsv3, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from edgekit.hf import check_experts
+    from edgekit.models.hf import check_experts
     from edgekit.resolve import Resolved, resolve
     from exporters.onnx import save_external
     from runtimes.onnxruntime import OnnxRuntimeRunner
@@ -176,7 +177,9 @@ def test_dropped_expert_fails_the_export(dsv3, tmp_path):
     (tmp_path / "broken").mkdir()
     save_external(proto, tmp_path / "broken" / "model.onnx")
     res = resolve(d)
-    model = res.load_model()
+    from edgekit.checkpoint import load_model
+
+    model = load_model(res)
     with OnnxRuntimeRunner(Resolved("onnx", "broken", res.cfg, tmp_path / "broken")) as runner:
         with pytest.raises(EdgekitError, match="dropped or froze an expert"):
             check_experts(model, runner, runner.spec)
@@ -197,7 +200,7 @@ def test_info_counts_total_and_active_parameters_from_safetensors_headers(dsv3):
 def test_chat_renders_the_template_with_the_generation_prompt(hf_models):
     d, art = hf_models["qwen2"]
     ids = [0, WORDS.index("user"), *(WORDS.index(w) for w in "the edge model".split()), WORDS.index("assistant")]
-    from edgekit.hf import HFTokenizer
+    from edgekit.hfconfig import HFTokenizer
     from edgekit.resolve import resolve
 
     assert HFTokenizer(d, resolve(d).cfg).chat("the edge model") == ("<s>user the edge model assistant", ids)

@@ -191,7 +191,7 @@ def test_training_script_runs_end_to_end(tmp_path, monkeypatch):
 
 
 def test_fidelity_text_is_task_text_windows():
-    from exporters.spec import DecoderSpec
+    from edgekit.spec import DecoderSpec
 
     text, _ = resolve("r1-ref").fidelity_text()
     assert text == tasks.text_ids(tasks.sample(tasks.test_split(), 2))

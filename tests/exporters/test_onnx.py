@@ -17,8 +17,8 @@ from edgekit import api
 from edgekit.artifact import read_manifest
 from edgekit.errors import EdgekitError
 from edgekit.resolve import resolve
+from edgekit.spec import DecoderSpec
 from exporters.onnx import graph_ops, iter_graphs, large_float_weights
-from exporters.spec import DecoderSpec
 from runtimes import open_runner
 
 

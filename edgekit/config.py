@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edgekit.errors import EdgekitError, unknown_name
 from edgekit.tokenizer import VOCAB_SIZE
+
+CONFIG = "config.json"
 
 
 @dataclass
@@ -109,3 +113,14 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise unknown_name("model", name, PRESETS)
     return dataclasses.replace(PRESETS[name], gated_layers=list(PRESETS[name].gated_layers))
+
+
+def read_config(directory: Path) -> ModelConfig:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise EdgekitError(f"{directory}: no {CONFIG}", "a checkpoint is a directory with config.json and "
+                           "model.safetensors")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise EdgekitError(f"{path} is not valid JSON: {e}") from None

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgekit.models import ModelConfig
+from edgekit.config import ModelConfig
 
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    cfg: ModelConfig  # or any config with the same fields (edgekit.hf.HFConfig for Hugging Face models)
+    cfg: ModelConfig  # or any config with the same fields (edgekit.hfconfig.HFConfig for Hugging Face models)
 
     @property
     def gated(self) -> bool:
