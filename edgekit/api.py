@@ -100,7 +100,7 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
            context: int | None = None, precision: str | None = None, fidelity_data: str | Path | None = None) -> dict:
     """Export a preset/checkpoint to an artifact directory; validation failures fail the export.
 
-    onnx: fp32 graph validated against PyTorch (max abs diff <= tolerance on every output, several
+    onnx: fp32 graph validated against PyTorch (max abs diff <= tolerance x the output's scale, several
     shapes and skip patterns); with int8, ORT dynamic int8 inside the If branches and a logit-cosine
     fidelity floor (min_cosine, default 0.99) on fidelity_data (a text file) or Resolved.fidelity_text's
     default. tensorrt: delegated to exporters.tensorrt (TensorRT-ready
@@ -147,6 +147,7 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
     import shutil
 
     from edgekit.resolve import Resolved
+    from edgekit import validate
     from edgekit.spec import DecoderSpec
     from exporters import onnx as onnx_exporter
     from runtimes.onnxruntime import OnnxRuntimeRunner
@@ -159,10 +160,10 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
         onnx_exporter.export_graph(model, fp32_dir / onnx_exporter.MODEL_FILE)
         advance(1)
     reference = TorchRunner(Resolved(res.kind, res.name, res.cfg, res.path, model=model))
-    n_cases = len(onnx_exporter.validation_cases(spec))
+    n_cases = len(validate.cases(spec))
     with reference, OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, fp32_dir)) as fp32_runner, \
             progress("validating fp32 graph against PyTorch", n_cases) as advance:
-        validation = onnx_exporter.validate(reference, fp32_runner, spec, tolerance=tolerance, advance=advance)
+        validation = validate.validate(reference, fp32_runner, spec, tolerance=tolerance, advance=advance)
         if res.kind == "hf":  # MoE: inputs that reach every routed expert, graph == PyTorch on them
             from edgekit.models.hf import check_experts
 
@@ -181,9 +182,9 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
             advance(1)
         with reference, OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, tmp)) as int8_runner, \
                 progress("checking int8 fidelity", n_cases) as advance:
-            fields["validation"]["int8"] = onnx_exporter.validate(reference, int8_runner, spec, tolerance=None,
-                                                                  min_cosine=min_cosine, advance=advance,
-                                                                  text=text[0], text_source=text[1])
+            fields["validation"]["int8"] = validate.validate(reference, int8_runner, spec, tolerance=None,
+                                                             min_cosine=min_cosine, advance=advance,
+                                                             text=text[0], text_source=text[1])
         shutil.rmtree(fp32_dir)
         int8_bytes = _dir_bytes(tmp)
         fields.update(precision="int8", graph_ops=onnx_exporter.graph_ops(tmp / onnx_exporter.MODEL_FILE))
@@ -200,7 +201,7 @@ def quantize(target: str | Path, out: str | Path, force: bool = False, min_cosin
     from edgekit.quantize import METHOD
     from edgekit.resolve import Resolved, resolve
     from edgekit.spec import DecoderSpec
-    from exporters.onnx import validate, validation_cases
+    from edgekit.validate import cases, validate
     from runtimes.torch import TorchRunner
 
     res = resolve(target)
@@ -218,7 +219,7 @@ def quantize(target: str | Path, out: str | Path, force: bool = False, min_cosin
         int8_bytes = (tmp / WEIGHTS).stat().st_size
         with TorchRunner(Resolved(res.kind, res.name, res.cfg, res.path, model=model)) as ref, \
                 TorchRunner(Resolved("checkpoint", res.name, res.cfg, tmp, model=quantized)) as q, \
-                progress("checking int8 fidelity", len(validation_cases(spec))) as advance:
+                progress("checking int8 fidelity", len(cases(spec))) as advance:
             report = validate(ref, q, spec, tolerance=None, min_cosine=min_cosine, advance=advance,
                               text=text, text_source=source)
         manifest = write_manifest(tmp, format="checkpoint", precision="int8", quantization=METHOD, model=res.name,
