@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
+from edgekit.families import is_hf
 
 
 def list_models() -> list[dict]:
@@ -27,7 +28,7 @@ def model_info(target: str | Path) -> dict:
     from edgekit.resolve import resolve
 
     res = resolve(target)
-    if res.cfg.family.startswith("hf-"):  # a Hugging Face directory (or an artifact exported from one)
+    if is_hf(res.cfg):  # a Hugging Face directory (or an artifact exported from one)
         from edgekit.hfconfig import weight_counts
 
         return {"name": res.name, "kind": res.kind, "path": str(res.path or ""), "config": res.cfg.to_dict(),
@@ -62,7 +63,8 @@ def generate(target: str | Path, prompt: str, max_new_tokens: int = 16, threshol
             raise EdgekitError(f"{runner.cfg.name} has no chat template (edgekit's presets use a byte tokenizer)",
                                "use --prompt TEXT, or a Hugging Face model directory with a chat template")
     if threshold is not None and not runner.spec.gated:
-        raise EdgekitError(f"--threshold applies to R1 models; {runner.cfg.name} is {runner.cfg.family.upper()}")
+        raise EdgekitError(f"--threshold applies to gated models (R1, calibrate-skip); {runner.cfg.name} has no skip "
+                           "gates", "drop --threshold")
     rendered = None
     if chat:
         rendered, ids = tok.chat(prompt)
@@ -146,8 +148,8 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
                  text: tuple) -> dict:
     import shutil
 
-    from edgekit.resolve import Resolved
     from edgekit import validate
+    from edgekit.resolve import Resolved
     from edgekit.spec import DecoderSpec
     from exporters import onnx as onnx_exporter
     from runtimes.onnxruntime import OnnxRuntimeRunner

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edgekit.config import PRESETS, ModelConfig, preset, read_config
 from edgekit.errors import EdgekitError
+from edgekit.families import family
 
 # Trained reference checkpoints shipped inside the package (bench/train_reference.py writes them)
 REFERENCE = {name: Path(__file__).resolve().parent / "checkpoints" / name for name in ("v3-ref", "r1-ref")}
@@ -28,7 +29,7 @@ class Resolved:
 
     def tokenizer(self):
         """The model's own tokenizer: tokenizer.json for Hugging Face models, else edgekit's byte tokenizer."""
-        if self.cfg.family.startswith("hf-"):
+        if family(self.cfg).tokenizer == "tokenizer.json":
             from edgekit.hfconfig import HFTokenizer
 
             return HFTokenizer(self.path, self.cfg)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgekit.config import ModelConfig
+from edgekit.families import is_gated
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class DecoderSpec:
 
     @property
     def gated(self) -> bool:
-        return self.cfg.family == "r1" or bool(getattr(self.cfg, "gated_layers", ()))  # + calibrate-skip HF models
+        return is_gated(self.cfg)
 
     @property
     def value_dim(self) -> int:

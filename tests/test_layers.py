@@ -117,3 +117,17 @@ def test_running_an_onnx_artifact_leaves_torch_unloaded(onnx_v3_tiny):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_one_family_registry_decides_gating_and_source():
+    from edgekit.config import preset
+    from edgekit.families import family, is_gated, is_hf
+    from edgekit.hfconfig import HFConfig
+
+    assert is_gated(preset("r1-tiny")) and not is_gated(preset("v3-tiny"))
+    hf = HFConfig("qwen2", "q", 2, 2, 8, 8, 100, 16, 64)
+    assert is_hf(hf) and not is_gated(hf) and family(hf).tokenizer == "tokenizer.json"
+    import dataclasses
+
+    assert is_gated(dataclasses.replace(hf, gated_layers=(1,)))  # a calibrate-skip model
+    assert family("r1").routed and family("v3").segment_memory
