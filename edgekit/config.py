@@ -22,6 +22,7 @@ class ModelConfig:
     d_model: int = 64
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: int = 0  # grouped-query attention: K/V heads (0 = n_heads); query heads share them in groups
     d_ff: int = 172
     max_seq_len: int = 1024  # context length the model is meant for
     tie_embeddings: bool = False
@@ -43,6 +44,10 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
     def unique_blocks(self) -> int:
         return self.n_unique_blocks or self.n_layers
 
@@ -55,6 +60,8 @@ class ModelConfig:
             raise EdgekitError(f"config: unknown family '{self.family}'", "use 'v3' or 'r1'")
         if self.d_model % self.n_heads:
             raise EdgekitError(f"config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_kv_heads < 0 or self.n_heads % self.kv_heads:
+            raise EdgekitError(f"config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.family == "v3" and (self.gated_layers or self.n_unique_blocks):
             raise EdgekitError("config: V3 has no gates and no parameter sharing")
         bad = [g for g in self.gated_layers if not 0 <= g < self.n_layers]

@@ -92,23 +92,30 @@ class RelativePosition(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        c = cfg.d_model
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = Linear(c, c), Linear(c, c), Linear(c, c), Linear(c, c)
+        c, kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = Linear(c, c), Linear(c, kv), Linear(c, kv), Linear(c, c)
         self.relpos = RelativePosition(cfg)
 
-    def heads(self, y: torch.Tensor) -> torch.Tensor:  # [B, S, C] -> [B, H, S, D]
+    def heads(self, y: torch.Tensor) -> torch.Tensor:  # [B, S, H*D] -> [B, H, S, D]
         b, s, _ = y.shape
-        return y.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        return y.view(b, s, -1, self.head_dim).transpose(1, 2)
 
     def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [B, Hkv, S, D] (grouped-query attention: Hkv = n_kv_heads divides H)."""
         return self.heads(self.k(x)), self.heads(self.v(x))
+
+    def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, K, D] -> [B, H, K, D]: query head h reads K/V head h // (H / Hkv)."""
+        g = self.n_heads // self.n_kv_heads
+        return t if g == 1 else t.repeat_interleave(g, dim=1)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return self.heads(self.q(x))
 
     def forward(self, x, q, k_all, v_all, allowed, local_idx, global_idx) -> torch.Tensor:
-        """x [B,S,C] normed input, q [B,H,S,D], k_all/v_all [B,H,K,D], allowed bool [.., S, K]."""
+        """x [B,S,C] normed input, q [B,H,S,D], k_all/v_all [B,Hkv,K,D], allowed bool [.., S, K]."""
+        k_all, v_all = self.expand_kv(k_all), self.expand_kv(v_all)
         scores = (q @ k_all.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
         scores = scores + self.relpos(x, local_idx, global_idx)
         scores = scores.masked_fill(~allowed, float("-inf"))
@@ -149,7 +156,7 @@ class CausalLM(nn.Module):
 
     def empty_past(self, batch: int = 1, device=None, dtype=None) -> Past:
         cfg = self.cfg
-        shape = (batch, cfg.n_heads, 0, cfg.head_dim)
+        shape = (batch, cfg.kv_heads, 0, cfg.head_dim)
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
         return [(torch.zeros(shape, dtype=dtype, device=device),) * 2 for _ in range(cfg.n_layers)]
@@ -163,5 +170,5 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, past: Past | None = None,
                 thresholds: torch.Tensor | None = None):
-        """-> logits [B,S,V], presents (per layer (k, v) [B,H,K',D]), executed bool [n_layers]."""
+        """-> logits [B,S,V], presents (per layer (k, v) [B,Hkv,K',D]), executed bool [n_layers]."""
         raise NotImplementedError

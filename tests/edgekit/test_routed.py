@@ -1,0 +1,116 @@
+"""R1's gather-based routed attention against the masked-dense oracle (routed_allowed + dense softmax)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from edgekit.checkpoint import load_checkpoint
+from edgekit.config import route_k
+from edgekit.models import build, preset
+from edgekit.models.r1 import attended_keys, attended_positions, routed_allowed, routed_attention
+from edgekit.resolve import REFERENCE
+
+
+def both(model, ids, past=None, thresholds=None, chunk=64):
+    """(dense oracle, gather) outputs of the same model."""
+    with torch.no_grad():
+        model.attention_impl = "dense"
+        dense = model(ids, past, thresholds)
+        model.attention_impl, model.query_chunk = "gather", chunk
+        gather = model(ids, past, thresholds)
+    return dense, gather
+
+
+@pytest.mark.parametrize("kv_heads", [0, 2, 1])
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+def test_gather_equals_dense_oracle_on_random_inputs(kv_heads, chunk):
+    cfg = dataclasses.replace(preset("r1-tiny"), n_kv_heads=kv_heads)
+    model = build(cfg, seed=3)
+    ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(5))
+    (d, dp, de), (g, gp, ge) = both(model, ids, thresholds=torch.zeros(cfg.n_layers), chunk=chunk)
+    assert (d - g).abs().max().item() <= 1e-5
+    assert torch.equal(de, ge) and all((a - b).abs().max() <= 1e-5 for x, y in zip(dp, gp) for a, b in zip(x, y))
+
+
+def test_gather_equals_dense_oracle_with_a_cache_and_skips():
+    model = build("r1-tiny", seed=4)
+    n = model.cfg.n_layers
+    ids = torch.randint(0, 256, (2, 150), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        _, past, _ = model(ids[:, :133])  # a cache ending mid-block
+    for thr in (torch.zeros(n), torch.tensor([2.0 * (i % 2) for i in range(n)])):
+        (d, _, de), (g, _, ge) = both(model, ids[:, 133:], past, thr, chunk=5)
+        assert torch.equal(de, ge) and (d - g).abs().max().item() <= 1e-5
+
+
+def test_gather_equals_dense_oracle_on_the_trained_reference():
+    model = load_checkpoint(REFERENCE["r1-ref"])
+    ids = torch.randint(0, 256, (2, model.cfg.max_seq_len), generator=torch.Generator().manual_seed(7))
+    (d, _, de), (g, _, ge) = both(model, ids, chunk=16)
+    assert torch.equal(de, ge)
+    # fp32: the logits are O(15), so both kernels carry ~1e-6 relative rounding (the oracle is 2e-5 from fp64 itself)
+    assert (d - g).abs().max().item() <= 1e-5 * max(1.0, d.abs().max().item())
+    model.double()  # in fp64 the two kernels agree to rounding: the same keys, weights and biases
+    (d, _, _), (g, _, _) = both(model, ids, chunk=16)
+    assert (d - g).abs().max().item() <= 1e-10
+
+
+def test_cached_decoding_with_gather_equals_full_forward_across_block_boundaries():
+    cfg = dataclasses.replace(preset("r1-tiny"), n_kv_heads=2)
+    model = build(cfg, seed=8)
+    ids = torch.randint(0, 256, (1, 70), generator=torch.Generator().manual_seed(9))
+    thr = torch.zeros(cfg.n_layers)
+    with torch.no_grad():
+        full, _, _ = model(ids, None, thr)
+        out, past, _ = model(ids[:, :15], None, thr)
+        steps = [out]
+        for t in range(15, 70):
+            out, past, _ = model(ids[:, t:t + 1], past, thr)
+            steps.append(out)
+    assert past[0][0].shape[1] == 2  # the cache holds the K/V heads only
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+
+
+def test_gather_kernel_with_fixed_max_k_equals_exact_k():
+    """The exported graph uses a fixed number of routed slots (max_route_k), masked beyond each query's k."""
+    cfg = preset("r1-tiny")
+    model = build(cfg, seed=10)
+    attn = model.blocks[0].attn
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 100, cfg.d_model, generator=g)
+    q = attn.query(x)
+    k, v = attn.kv(x)
+    pos = torch.arange(100)
+    with torch.no_grad():
+        exact = routed_attention(attn, cfg, x, q, k, v, pos, chunk=9)
+        fixed = routed_attention(attn, cfg, x, q, k, v, pos, chunk=100, kmax=6)
+    assert (exact - fixed).abs().max().item() <= 1e-6
+
+
+def test_routing_ties_go_to_the_lower_block_in_both_kernels():
+    cfg = dataclasses.replace(preset("r1-tiny"), n_layers=2, gated_layers=[], n_unique_blocks=0)
+    model = build(cfg, seed=12)
+    # a repeated 16-token block: identical keys in layer 0, so every routed choice is a tie
+    ids = torch.randint(0, 256, (1, 16)).repeat(1, 9)
+    with torch.no_grad():
+        x = model.blocks[0].attn_norm(model.embed(ids))
+        k = model.blocks[0].attn.kv(x)[0]
+        q = model.blocks[0].attn.query(x)
+    allowed = routed_allowed(q, k, torch.arange(144), 16)[0, 0]
+    last = 143  # block 8: k = 3 of 8 tied blocks -> blocks 0, 1, 2
+    assert allowed[last, :48].all() and not allowed[last, 48:128].any()
+    (d, _, _), (gth, _, _) = both(model, ids)
+    assert (d - gth).abs().max().item() <= 1e-5
+
+
+def test_attended_keys_match_the_oracle_mask_and_grow_n_log_n():
+    cfg = preset("r1-tiny")
+    for n in (16, 100, 257):
+        assert attended_keys(cfg, n) == attended_positions(cfg, n)
+    assert route_k(9) == 3
+    big = preset("r1-mini")
+    a, b = attended_keys(big, 1024), attended_keys(big, 4096)
+    assert b / a < 7  # ~4 x log(64) / log(16): n log n, far below the dense 16x
