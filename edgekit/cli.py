@@ -468,7 +468,7 @@ def build_engine(
     as_json: JsonOut = False,
 ) -> None:
     """Build the TensorRT engine on this device from the artifact's recipe (needs TensorRT and a GPU)."""
-    from exporters.tensorrt import build_engine as build
+    from edgekit.engine import build_engine as build
 
     emit(build(target, force=force), as_json)
 

@@ -47,6 +47,7 @@ from pathlib import Path, PureWindowsPath
 
 from edgekit.artifact import MANIFEST, os_error, sha256_file, versions
 from edgekit.errors import EdgekitError, unknown_name
+from edgekit.versions import compatible, version_tuple
 
 BUNDLE_FORMAT = 1
 BUNDLE_JSON, BUNDLE_SIG = "bundle.json", "bundle.sig"
@@ -253,7 +254,7 @@ def compatibility(device: str, res, table: dict[str, dict], settings: dict) -> d
     if profile.sm:
         compat["sm"] = profile.sm
     if profile.tensorrt_versions:
-        compat["tensorrt"] = sorted(set(profile.tensorrt_versions), key=_version_tuple)
+        compat["tensorrt"] = sorted(set(profile.tensorrt_versions), key=version_tuple)
     jetpack = [st["jetpack"] for st in profile.stacks if "jetpack" in st]
     if jetpack:
         compat["jetpack"] = jetpack
@@ -296,26 +297,6 @@ def host_facts(need_gpu: bool = False, need_tensorrt: bool = False) -> dict:
     return facts
 
 
-def _version_tuple(v) -> tuple[int, ...]:
-    out = []
-    for part in str(v).split("."):
-        digits = "".join(c for c in part if c.isdigit())
-        if not digits:
-            break
-        out.append(int(digits))
-    return tuple(out)
-
-
-def _in_range(version: str, allowed) -> bool:
-    """`allowed`: a version ("10.3" matches 10.3.x), a list of such, or {"min": ..., "max": ...} (inclusive)."""
-    v = _version_tuple(version)
-    if isinstance(allowed, dict):
-        lo, hi = _version_tuple(allowed.get("min", "0")), _version_tuple(allowed.get("max", "999"))
-        return lo <= v[:len(lo)] and v[:len(hi)] <= hi
-    allowed = [allowed] if isinstance(allowed, str | int | float) else allowed
-    return any(v[:len(_version_tuple(a))] == _version_tuple(a) for a in allowed)
-
-
 def check_machine(compat: dict, settings: dict, host: dict | None = None) -> tuple[list[str], list[str]]:
     """(what matches, what does not) for this machine against a bundle's compatibility block.
 
@@ -344,7 +325,7 @@ def check_machine(compat: dict, settings: dict, host: dict | None = None) -> tup
         if host.get("sm") is None:
             bad.append("no CUDA GPU visible" + (f" (target SM {want_sm})" if want_sm else ""))
         elif want_sm is not None:
-            have, want = _version_tuple(host["sm"]), _version_tuple(want_sm)
+            have, want = version_tuple(host["sm"]), version_tuple(want_sm)
             sm_ok = have == want if trt else have >= want
             (ok if sm_ok else bad).append(f"GPU SM {host['sm']} (target SM {want_sm}{'' if trt else ' or newer'})")
         else:
@@ -352,14 +333,14 @@ def check_machine(compat: dict, settings: dict, host: dict | None = None) -> tup
     if trt:
         if "tensorrt" not in host:
             bad.append("TensorRT is not installed (JetPack, or pip install 'edgekit[tensorrt]')")
-        elif compat.get("tensorrt") and not _in_range(host["tensorrt"], compat["tensorrt"]):
+        elif compat.get("tensorrt") and not compatible(host["tensorrt"], compat["tensorrt"]):
             bad.append(f"TensorRT {host['tensorrt']} (target {compat['tensorrt']})")
         else:
             ok.append(f"TensorRT {host['tensorrt']}")
         if kind == "jetson" and compat.get("jetpack") and host.get("jetson"):
             if "jetpack" not in host:
                 ok.append("JetPack version not found (nvidia-jetpack package); TensorRT checked instead")
-            elif _in_range(host["jetpack"], compat["jetpack"]):
+            elif compatible(host["jetpack"], compat["jetpack"]):
                 ok.append(f"JetPack {host['jetpack']}")
             else:
                 bad.append(f"JetPack {host['jetpack']} (target {', '.join(compat['jetpack'])})")
@@ -800,7 +781,7 @@ def _build_engine(directory: Path, manifest: dict, force: bool = False) -> str:
     if manifest["settings"].get("runtime") != "tensorrt":
         return "not needed"
     try:
-        from exporters.tensorrt import build_engine
+        from edgekit.engine import build_engine
     except ImportError:
         return "not built: the TensorRT exporter is not available (built at first run)"
     try:

@@ -17,6 +17,7 @@ from functools import cache
 from pathlib import Path
 
 from edgekit.errors import EdgekitError, unknown_name
+from edgekit.versions import version_tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -100,11 +101,6 @@ class Profile:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-def version_tuple(v: str) -> tuple[int, ...]:
-    """'10.3' -> (10, 3); '8.x' -> (8,)."""
-    return tuple(int(p) for p in re.findall(r"\d+", v.split("x")[0]))
 
 
 def why_unsupported(p: Profile, precision: str) -> str | None:

@@ -4,17 +4,23 @@ Bindings are the DecoderSpec names; shapes are dynamic through the engine's opti
 seq 1; prefill: longer prompts), chosen per call and set with set_input_shape. Buffers live in CUDA memory
 allocated through PyTorch (edgekit's one GPU dependency); the TensorRT 8.5+ name-based API
 (set_tensor_address / execute_async_v3) runs them. tensorrt is imported lazily: where it or a GPU is
-missing, activate() is a one-line EdgekitError, never an ImportError.
+missing, activate() is a one-line EdgekitError, never an ImportError. Building the engine is
+runtimes/tensorrt_build.py; what is known about a built engine (engine.json) is read here.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from edgekit.errors import EdgekitError
+from edgekit.versions import engine_loadable
 from runtimes.base import Runner
+
+ENGINE_FILE = "model.engine"
+ENGINE_JSON = "engine.json"
 
 INSTALL_HINT = ("on x86/SBSA: pip install 'edgekit[tensorrt]'; on Jetson: TensorRT comes with JetPack "
                 "(python3-libnvinfer); elsewhere build with the recipe's trtexec command")
@@ -43,13 +49,39 @@ def gpu_sm() -> str:
     return f"{major}.{minor}"
 
 
+def tensorrt_environment() -> tuple[object, str, str]:
+    """(tensorrt module, its version, GPU SM 'major.minor'), or an EdgekitError saying what is missing."""
+    trt = load_tensorrt()
+    return trt, trt.__version__, gpu_sm()
+
+
+def tensorrt_available() -> str | None:
+    """None when an engine can be built here, else why not (for skips and manifests)."""
+    try:
+        tensorrt_environment()
+    except EdgekitError as e:
+        return str(e)
+    return None
+
+
+def engine_facts(directory: Path, manifest: dict | None = None) -> dict:
+    """What is known about the engine in an artifact: engine.json (written by build-engine, which leaves the
+    hashed manifest -- and a bundle's signature -- untouched), else the manifest's `engine` entry."""
+    path = Path(directory) / ENGINE_JSON
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise EdgekitError(f"cannot read {path}: {e}",
+                               "rebuild the engine: edgekit build-engine DIR --force") from None
+    return dict((manifest or {}).get("engine") or {})
+
+
 class TensorRTRunner(Runner):
     name = "tensorrt"
 
     def activate_impl(self) -> None:
         import torch
-
-        from exporters.tensorrt import ENGINE_FILE, compatible_tensorrt, engine_facts
 
         trt = load_tensorrt()
         sm = gpu_sm()
@@ -60,7 +92,7 @@ class TensorRTRunner(Runner):
                                f"build it on this device: edgekit build-engine {path}")
         facts = engine_facts(path, self.resolved.manifest)
         built_trt, built_sm = facts.get("tensorrt"), facts.get("sm")
-        if (built_trt and not compatible_tensorrt(trt.__version__, [built_trt])) or (built_sm and built_sm != sm):
+        if (built_trt and not engine_loadable(trt.__version__, built_trt)) or (built_sm and built_sm != sm):
             raise EdgekitError(f"the engine was built with TensorRT {built_trt} for "
                                f"sm_{str(built_sm).replace('.', '')}; this machine has TensorRT {trt.__version__} and "
                                f"sm_{sm.replace('.', '')}",

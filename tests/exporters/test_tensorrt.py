@@ -1,7 +1,8 @@
-"""The TensorRT exporter on the CPU: operator check (per TensorRT version, into every If branch), conditionals,
-graph transforms (opset 17, fp16 storage, int4 weight-only Q/DQ) and their numerics in ONNX Runtime, the recipe
-(profiles derived from device memory, trtexec), refusals, and one real export. Building and running engines is
-in tests/runtimes/test_tensorrt.py (marked tensorrt: skipped without TensorRT and a GPU)."""
+"""The TensorRT exporter on the CPU: operator check (exporters/trt_ops.py: per TensorRT version, into every If
+branch), conditionals, graph transforms (exporters/trt_transforms.py: opset 17, fp16 storage, int4 weight-only
+Q/DQ) and their numerics in ONNX Runtime, the recipe (exporters/trt_recipe.py: profiles derived from device
+memory, trtexec), refusals (of export, and of build-engine: edgekit/engine.py), and one real export. Building and
+running engines is in tests/runtimes/test_tensorrt.py (marked tensorrt: skipped without TensorRT and a GPU)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import exporters.tensorrt as T
+import exporters.trt_ops as ops
+import exporters.trt_recipe as R
+import exporters.trt_transforms as tx
 import profiles
+import runtimes.tensorrt as rt
+import runtimes.tensorrt_build as tb
+from edgekit import engine
 from edgekit.errors import EdgekitError
 from edgekit.models import preset
+from edgekit.versions import compatible
 
 F, I64, B = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 
@@ -64,9 +72,9 @@ def if_model(then_nodes, then_out, else_nodes=None, else_out="e_out", cond_shape
 # operator support data and the check
 # ------------------------------------------------------------------------------------------------
 def test_op_tables_are_complete_and_sourced():
-    text = T.OPS_FILE.read_text()
+    text = ops.OPS_FILE.read_text()
     assert "onnx/onnx-tensorrt" in text and "Changelog.md" in text
-    tables = T.op_support()
+    tables = ops.op_support()
     assert set(tables) == {"8.2", "8.5", "8.6", "10.3", "10.13"}
     for key, t in tables.items():
         assert {"max_opset", "opset_hard", "supported", "if_rule"} <= set(t), key
@@ -78,7 +86,7 @@ def test_op_tables_are_complete_and_sourced():
                                          ("10.3", "10.3"), ("10.7", "10.3"), ("10.x", "10.3"), ("10.13", "10.13"),
                                          ("11.0", "10.13"), ("7.1", None)])
 def test_stack_version_maps_to_a_table(stack, table):
-    assert T.data_version(stack) == table
+    assert ops.data_version(stack) == table
 
 
 def test_unsupported_and_ort_only_ops_are_named_with_their_place():
@@ -86,23 +94,23 @@ def test_unsupported_and_ort_only_ops_are_named_with_their_place():
              helper.make_node("MatMulNBits", ["x", "w"], ["y"], domain="com.microsoft", name="mmnb"),
              helper.make_node("Relu", ["x"], ["r"], name="ok")]
     m = model_of(nodes, [vi("x", F, [2, 4])], [vi("y", F, [2, 4]), vi("r", F, [2, 4])])
-    r = T.check_ops(m, "10.3")
+    r = ops.check_ops(m, "10.3")
     assert not r["ok"]
     found = {(i["op"], i["node"], i["where"]) for i in r["issues"]}
     assert ("DynamicQuantizeLinear", "dq", "main") in found
     assert ("MatMulNBits", "mmnb", "main") in found
     assert "Relu" not in {i["op"] for i in r["issues"]}
-    assert "com.microsoft" in T.describe_issues(r)
+    assert "com.microsoft" in ops.describe_issues(r)
 
 
 def test_unsupported_op_inside_an_if_branch_is_found():
     m = if_model([helper.make_node("Unique", ["x"], ["u"], name="uniq"),
                   helper.make_node("Identity", ["x"], ["t_out"], name="t_id")], "t_out")
-    r = T.check_ops(m, "10.13")
+    r = ops.check_ops(m, "10.13")
     assert not r["ok"]
     (issue,) = r["issues"]
     assert issue["op"] == "Unique" and issue["node"] == "uniq" and issue["where"] == "main/gate.then_branch"
-    assert "main/gate.then_branch/uniq" in T.describe_issues(r)
+    assert "main/gate.then_branch/uniq" in ops.describe_issues(r)
 
 
 def test_topk_with_run_time_k_needs_tensorrt_8_6():
@@ -116,12 +124,12 @@ def test_topk_with_run_time_k_needs_tensorrt_8_6():
     inits = [numpy_helper.from_array(np.array(1, np.int64), "one"),
              numpy_helper.from_array(np.array([0], np.int64), "ax0")]
     m = model_of(nodes, [vi("x", F, [3, "nb"])], [vi("v", F, [3, "nb"]), vi("rank", I64, [3, "nb"])], inits, opset=17)
-    r85 = T.check_ops(m, "8.5.2")
+    r85 = ops.check_ops(m, "8.5.2")
     whys = [i["why"] for i in r85["issues"]]
     assert any("must be an initializer" in w for w in whys)
     assert any("INT64 (imported as INT32) not supported" in w for w in whys)
-    assert T.check_ops(m, "8.6.2")["ok"] and T.check_ops(m, "10.3")["ok"]
-    assert not T.check_ops(m, "10.3", topk_k_bound=5000)["ok"]  # "K input must be less than 3840"
+    assert ops.check_ops(m, "8.6.2")["ok"] and ops.check_ops(m, "10.3")["ok"]
+    assert not ops.check_ops(m, "10.3", topk_k_bound=5000)["ok"]  # "K input must be less than 3840"
 
 
 def test_reciprocal_is_not_in_tensorrt_8_2():
@@ -129,13 +137,13 @@ def test_reciprocal_is_not_in_tensorrt_8_2():
     (Jetson Nano's JetPack 4.6 ships TensorRT 8.2)."""
     m = model_of([helper.make_node("Reciprocal", ["x"], ["y"], name="rcp")], [vi("x", F, [2])], [vi("y", F, [2])],
                  opset=13)
-    assert not T.check_ops(m, "8.2.1")["ok"]
-    assert T.check_ops(m, "8.5.2")["ok"]
+    assert not ops.check_ops(m, "8.2.1")["ok"]
+    assert ops.check_ops(m, "8.5.2")["ok"]
 
 
 def test_opset_above_the_documented_one_is_an_error_for_8x_and_a_note_for_10x():
     m = model_of([helper.make_node("Relu", ["x"], ["y"], name="r")], [vi("x", F, [2])], [vi("y", F, [2])], opset=21)
-    r8, r10 = T.check_ops(m, "8.6.2"), T.check_ops(m, "10.3")
+    r8, r10 = ops.check_ops(m, "8.6.2"), ops.check_ops(m, "10.3")
     assert not r8["ok"] and r8["issues"][0]["op"] == "opset"
     assert r10["ok"] and "opset 21" in r10["notes"][0]
 
@@ -145,28 +153,28 @@ def test_opset_above_the_documented_one_is_an_error_for_8x_and_a_note_for_10x():
 # ------------------------------------------------------------------------------------------------
 def test_conditionals_accept_a_scalar_bool_and_identical_branches():
     m = if_model([helper.make_node("Relu", ["x"], ["t_out"], name="t")], "t_out")
-    (c,) = T.check_conditionals(m)
+    (c,) = ops.check_conditionals(m)
     assert c == {"node": "main/gate", "condition": "0-D bool", "outputs": 1}
 
 
 def test_conditional_with_a_1d_condition_fails_loudly():
     m = if_model([helper.make_node("Relu", ["x"], ["t_out"], name="t")], "t_out", cond_shape=(1,))
     with pytest.raises(EdgekitError, match="main/gate: condition 'c1' is BOOL with shape \\[1\\].*0-D bool"):
-        T.check_conditionals(m)
+        ops.check_conditionals(m)
 
 
 def test_conditional_with_differently_shaped_branches_fails_loudly():
     m = if_model([helper.make_node("Relu", ["x"], ["t_out"], name="t")], "t_out")
     m.graph.node[-1].attribute[1].g.output[0].type.tensor_type.shape.dim[1].dim_value = 8  # else: [n, 8]
     with pytest.raises(EdgekitError, match="branch outputs differ.*identically shaped"):
-        T.check_conditionals(m)
+        ops.check_conditionals(m)
 
 
 def test_conditional_with_one_output_name_for_both_branches_fails():
     m = if_model([helper.make_node("Relu", ["x"], ["same"], name="t")], "same",
                  else_nodes=[helper.make_node("Identity", ["x"], ["same"], name="e")], else_out="same")
     with pytest.raises(EdgekitError, match="distinct branch output names"):
-        T.check_conditionals(m)
+        ops.check_conditionals(m)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,7 +188,7 @@ def test_opset18_reduce_is_rewritten_for_opset17_with_identical_results():
     m = model_of(nodes, [vi("x", F, [2, 3])], [vi("y", F, [2, 1]), vi("p", F, [2, 5])], inits)
     x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
     want = run(m, {"x": x})
-    m17 = T.downgrade_to_opset17(m)
+    m17 = tx.downgrade_to_opset17(m)
     assert m17.opset_import[0].version == 17
     assert [a.name for a in m17.graph.node[0].attribute] == ["keepdims", "axes"]
     for a, b in zip(want, run(m17, {"x": x})):
@@ -191,7 +199,7 @@ def test_opset17_rewrite_refuses_what_it_does_not_know():
     m = model_of([helper.make_node("Split", ["x"], ["a", "b"], num_outputs=2, axis=0, name="split")],
                  [vi("x", F, [4])], [vi("a", F, [2]), vi("b", F, [2])])
     with pytest.raises(EdgekitError, match="Split changed in opset 18"):
-        T.downgrade_to_opset17(m)
+        tx.downgrade_to_opset17(m)
 
 
 def shared_weight_model(rng, k=64, n=48, vocab=40):
@@ -229,9 +237,9 @@ def reference(weights, ids, flag):
 def test_fp16_storage_keeps_fp32_compute_and_outer_scope_readers():
     rng = np.random.default_rng(1)
     m, w = shared_weight_model(rng)
-    info = T.store_fp16(m)
+    info = tx.store_fp16(m)
     assert info["fp16_weights"] == 4
-    assert T.stored_bytes(m) == sum(a.size * 2 for a in w.values())
+    assert tx.stored_bytes(m) == sum(a.size * 2 for a in w.values())
     ids = np.array([1, 5, 39], np.int64)
     for flag in (True, False):
         (y,) = run(m, {"ids": ids, "flag": np.array(flag)})
@@ -243,35 +251,35 @@ def test_fp16_storage_keeps_out_of_range_weights_fp32():
     big = numpy_helper.from_array(np.full((4, 4), 1e6, np.float32), "big")
     m = model_of([helper.make_node("MatMul", ["x", "big"], ["y"], name="mm")], [vi("x", F, [1, 4])],
                  [vi("y", F, [1, 4])], [big])
-    assert T.store_fp16(m)["kept_fp32_out_of_range"] == ["big"]
+    assert tx.store_fp16(m)["kept_fp32_out_of_range"] == ["big"]
 
 
 def test_int4_qdq_numerics_in_onnxruntime_and_shared_weights_stored_once(tmp_path):
     rng = np.random.default_rng(2)
     m, w = shared_weight_model(rng, k=192, n=64, vocab=300)  # K = 192: two blocks of 128, the second padded
-    fp16_bytes = T.fp16_reference_bytes(m)
-    info = T.quantize_int4(m, min_elements=1024)
-    T.store_fp16(m)
+    fp16_bytes = tx.fp16_reference_bytes(m)
+    info = tx.quantize_int4(m, min_elements=1024)
+    tx.store_fp16(m)
     assert m.opset_import[0].version == 21
     quantized = {q["name"]: q for q in info["quantized"]}
     assert quantized["W"]["axis"] == 0 and quantized["W"]["readers"] == 3  # main MatMul + both branches
     assert quantized["E"]["axis"] == 1  # the embedding table: blocks along each row
     assert "A" in info["left_float"]  # read by a Transpose: stays float (fp16 storage)
     # every DequantizeLinear sits in the graph of the MatMul it feeds, blocked along K
-    for where, _g, node, _t, _c in T._walk(m.graph):
+    for where, _g, node, _t, _c in ops.walk(m.graph):
         if node.op_type == "MatMul" and node.input[1].startswith("W"):
-            (dq,) = [n for w2, _g2, n, _t2, _c2 in T._walk(m.graph) if w2 == where and node.input[1] in n.output]
+            (dq,) = [n for w2, _g2, n, _t2, _c2 in ops.walk(m.graph) if w2 == where and node.input[1] in n.output]
             attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
             assert dq.op_type == "DequantizeLinear" and attrs == {"axis": 0, "block_size": 128}
     # W's int4 bytes are stored once although main graph and branches each hold an initializer for them
     w_bytes = 192 * 64 // 2 + 2 * 64 * 4  # int4 W + fp32 scales (2 blocks x 64 columns)
     e_bytes = 300 * 192 // 2 + 300 * 2 * 4  # int4 E + its row-block scales
     expected = w_bytes + e_bytes + 192 * 192 * 2 + 64 * 2  # + fp16 A and bias
-    assert T.stored_bytes(m) == expected < fp16_bytes
-    T.save_deduplicated(m, tmp_path / "m.onnx")
+    assert tx.stored_bytes(m) == expected < fp16_bytes
+    tx.save_deduplicated(m, tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx.data").stat().st_size < expected + 64 * 6  # W once, not three times (+ alignment)
-    assert T.stored_bytes(m) == expected  # also counted from the saved external-data ranges
-    deq = {"W": T.int4_dequantized(w["W"], 0), "E": T.int4_dequantized(w["E"], 1),
+    assert tx.stored_bytes(m) == expected  # also counted from the saved external-data ranges
+    deq = {"W": tx.int4_dequantized(w["W"], 0), "E": tx.int4_dequantized(w["E"], 1),
            "A": w["A"].astype(np.float16).astype(np.float32), "bias": w["bias"].astype(np.float16).astype(np.float32)}
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     ids = np.array([0, 7, 299], np.int64)
@@ -286,9 +294,9 @@ def test_int4_qdq_numerics_in_onnxruntime_and_shared_weights_stored_once(tmp_pat
 def test_int4_blocks_are_symmetric_within_range_and_close():
     rng = np.random.default_rng(3)
     w = rng.standard_normal((300, 5)).astype(np.float32)
-    q, scale = T._int4_blocks(w, 0, 128)
+    q, scale = tx._int4_blocks(w, 0, 128)
     assert q.min() >= -8 and q.max() <= 7 and scale.shape == (3, 5)
-    err = np.linalg.norm(T.int4_dequantized(w, 0) - w) / np.linalg.norm(w)
+    err = np.linalg.norm(tx.int4_dequantized(w, 0) - w) / np.linalg.norm(w)
     assert err < 0.12
 
 
@@ -298,8 +306,8 @@ def test_int4_blocks_are_symmetric_within_range_and_close():
 def test_profiles_grow_with_device_memory_and_stay_within_the_context():
     cfg = preset("r1-mini")
     weights = 2 * 57_126_254
-    small = T.derive_profiles(cfg, 3 * T.GIB, weights, 2048)["dims"]
-    large = T.derive_profiles(cfg, 60 * T.GIB, weights, 2048)["dims"]
+    small = R.derive_profiles(cfg, 3 * R.GIB, weights, 2048)["dims"]
+    large = R.derive_profiles(cfg, 60 * R.GIB, weights, 2048)["dims"]
     assert small["decode"]["batch"][2] < large["decode"]["batch"][2]
     for dims in (small, large):
         for d in dims.values():
@@ -312,32 +320,32 @@ def test_profiles_grow_with_device_memory_and_stay_within_the_context():
 
 def test_tight_memory_gives_chunked_prefill():
     cfg = preset("r1-mini")
-    d = T.derive_profiles(cfg, int(0.6 * T.GIB), 2 * 57_126_254, 2048)["dims"]["prefill"]
+    d = R.derive_profiles(cfg, int(0.6 * R.GIB), 2 * 57_126_254, 2048)["dims"]["prefill"]
     assert d["seq"][2] < 2048 and d["past"][2] == 2048 - d["seq"][2]
 
 
 def test_v3_decode_past_is_its_segment_memory():
     cfg = preset("v3-mini")
-    d = T.derive_profiles(cfg, 16 * T.GIB, 300_000_000, 2048)["dims"]["decode"]
+    d = R.derive_profiles(cfg, 16 * R.GIB, 300_000_000, 2048)["dims"]["decode"]
     assert d["past"][2] == cfg.memory_len
 
 
 def test_model_too_big_or_context_too_long_is_a_clear_error():
     cfg = preset("r1-8.5b")
     with pytest.raises(EdgekitError, match="does not fit on nano.*--int4"):
-        T.derive_profiles(cfg, 4 * T.GIB, 17 * T.GIB, 8192, "nano")
+        R.derive_profiles(cfg, 4 * R.GIB, 17 * R.GIB, 8192, "nano")
     with pytest.raises(EdgekitError, match="context 8192 does not fit.*lower --context"):
-        T.derive_profiles(cfg, int(1.5 * T.GIB), 1 * T.GIB, 8192, "tiny-gpu")
+        R.derive_profiles(cfg, int(1.5 * R.GIB), 1 * R.GIB, 8192, "tiny-gpu")
 
 
 def test_recipe_for_a_jetson_and_its_trtexec_command():
     cfg = preset("r1-tiny")
     orin = profiles.load("jetson-orin-nano-8gb")
-    recipe = T.make_recipe(cfg, orin, "fp16", 512, 300_000, 17, ["8.6.2", "10.3"], {"8.5.2": "TopK ..."})
+    recipe = R.make_recipe(cfg, orin, "fp16", 512, 300_000, 17, ["8.6.2", "10.3"], {"8.5.2": "TopK ..."})
     json.dumps(recipe)
     assert recipe["sm"] == "8.7" and recipe["builder_flags"] == ["FP16"]
     assert recipe["tensorrt"] == {"versions": ["8.6.2", "10.3"], "refused": {"8.5.2": "TopK ..."}}
-    assert recipe["timing_cache"] == "timing.cache" and recipe["workspace_bytes"] >= 64 * T.MIB
+    assert recipe["timing_cache"] == "timing.cache" and recipe["workspace_bytes"] >= 64 * R.MIB
     assert [p["name"] for p in recipe["profiles"]] == ["decode", "prefill"]
     names = ["input_ids"] + [f"past.{i}.{kv}" for i in range(cfg.n_layers) for kv in ("key", "value")]
     for p in recipe["profiles"]:
@@ -346,8 +354,8 @@ def test_recipe_for_a_jetson_and_its_trtexec_command():
     cmd = recipe["trtexec"]
     assert cmd.startswith("trtexec --onnx=model.onnx --fp16 --minShapes=input_ids:1x1,past.0.key:1x4x0x16")
     assert "--maxShapes=" in cmd and "--timingCacheFile=timing.cache" in cmd and "--saveEngine=model.engine" in cmd
-    assert f"--memPoolSize=workspace:{recipe['workspace_bytes'] // T.MIB}" in cmd
-    assert T.make_recipe(cfg, orin, "int4", 512, 100_000, 21, ["10.3"], {})["builder_flags"] == ["FP16", "INT4"]
+    assert f"--memPoolSize=workspace:{recipe['workspace_bytes'] // R.MIB}" in cmd
+    assert R.make_recipe(cfg, orin, "int4", 512, 100_000, 21, ["10.3"], {})["builder_flags"] == ["FP16", "INT4"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,17 +363,17 @@ def test_recipe_for_a_jetson_and_its_trtexec_command():
 # ------------------------------------------------------------------------------------------------
 def test_int8_on_tensorrt_is_refused_naming_what_works():
     with pytest.raises(EdgekitError) as e:
-        T.check_precision("int8", profiles.load("a100-40gb"))
+        R.check_precision("int8", profiles.load("a100-40gb"))
     msg = str(e.value)
     assert "DynamicQuantizeLinear" in msg and "fp16" in msg and "--precision int4" in msg
 
 
 def test_int4_is_refused_where_tensorrt_10_or_ampere_is_missing():
     with pytest.raises(EdgekitError, match="int4 weight-only.*TensorRT 10"):
-        T.check_precision("int4", profiles.load("jetson-nano"))
-    assert T.check_precision("int4", profiles.load("jetson-agx-orin-64gb"))["flags"] == ["FP16", "INT4"]
+        R.check_precision("int4", profiles.load("jetson-nano"))
+    assert R.check_precision("int4", profiles.load("jetson-agx-orin-64gb"))["flags"] == ["FP16", "INT4"]
     with pytest.raises(EdgekitError, match="unknown TensorRT precision 'bf8'"):
-        T.check_precision("bf8", profiles.load("a100-40gb"))
+        R.check_precision("bf8", profiles.load("a100-40gb"))
 
 
 def test_export_refusals_come_before_any_work(tmp_path):
@@ -400,10 +408,10 @@ def fake_artifact(tmp_path, sm="8.7", versions=("10.3",)):
     art = tmp_path / "art"
     art.mkdir()
     (art / "config.json").write_text(json.dumps(preset("r1-tiny").to_dict()))
-    recipe = {"edgekit_recipe": T.RECIPE_VERSION, "sm": sm, "device": "jetson-agx-orin-64gb", "onnx": "model.onnx",
+    recipe = {"edgekit_recipe": tb.RECIPE_VERSION, "sm": sm, "device": "jetson-agx-orin-64gb", "onnx": "model.onnx",
               "engine": "model.engine", "timing_cache": "timing.cache", "precision": "fp16",
               "tensorrt": {"versions": list(versions), "refused": {}}, "builder_flags": ["FP16"]}
-    (art / T.RECIPE_FILE).write_text(json.dumps(recipe))
+    (art / tb.RECIPE_FILE).write_text(json.dumps(recipe))
     write_manifest(art, format="tensorrt", model="r1-tiny", precision="fp16")
     return art
 
@@ -412,17 +420,15 @@ def test_build_engine_refuses_without_tensorrt(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)  # as if not installed
     art = fake_artifact(tmp_path)
     with pytest.raises(EdgekitError, match="TensorRT is not installed"):
-        T.build_engine(art)
-    assert T.tensorrt_available().startswith("TensorRT is not installed")
+        engine.build_engine(art)
+    assert rt.tensorrt_available().startswith("TensorRT is not installed")
 
 
 def test_build_engine_refuses_without_a_gpu(tmp_path, monkeypatch):
-    import runtimes.tensorrt as rt
-
     monkeypatch.setattr(rt, "load_tensorrt", lambda: type("trt", (), {"__version__": "10.3.0"}))
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(EdgekitError, match="no CUDA GPU is visible"):
-        T.build_engine(fake_artifact(tmp_path))
+        engine.build_engine(fake_artifact(tmp_path))
 
 
 def test_build_engine_refuses_another_sm_or_tensorrt_unless_forced(tmp_path, monkeypatch):
@@ -434,22 +440,22 @@ def test_build_engine_refuses_another_sm_or_tensorrt_unless_forced(tmp_path, mon
         (Path(directory) / recipe["timing_cache"]).write_bytes(b"cache")
         return {"status": "built", "sm": "8.0", "tensorrt": "10.7.0"}
 
-    monkeypatch.setattr(T, "tensorrt_environment", lambda: (None, "10.7.0", "8.0"))
-    monkeypatch.setattr(T, "build_from_recipe", fake_build)
-    monkeypatch.setattr(T, "_validate_engine_vs_onnx", lambda *a: {"passed": True})
+    monkeypatch.setattr(engine, "tensorrt_environment", lambda: (None, "10.7.0", "8.0"))
+    monkeypatch.setattr(engine, "build_from_recipe", fake_build)
+    monkeypatch.setattr(engine, "_validate_engine_vs_onnx", lambda *a: {"passed": True})
     art = fake_artifact(tmp_path)
     (art / "model.onnx").write_bytes(b"")
     with pytest.raises(EdgekitError, match="TensorRT 10.7.0 here, recipe made for 10.3; GPU sm_80 here, recipe "
                                            "made for sm_87.*--force"):
-        T.build_engine(art)
+        engine.build_engine(art)
     assert not built and not (art / "model.engine").exists()
-    r = T.build_engine(art, force=True)
+    r = engine.build_engine(art, force=True)
     assert r["forced"] and len(r["mismatch"]) == 2
     assert (art / "model.engine").read_bytes() == b"engine" and (art / "engine.json").is_file()
     assert json.loads((art / "engine.json").read_text())["forced"]
-    monkeypatch.setattr(T, "tensorrt_environment", lambda: (None, "10.3.0.26", "8.7"))  # the recipe's target
+    monkeypatch.setattr(engine, "tensorrt_environment", lambda: (None, "10.3.0.26", "8.7"))  # the recipe's target
     with pytest.raises(EdgekitError, match="already has model.engine.*--force"):
-        T.build_engine(art)
+        engine.build_engine(art)
     from edgekit.artifact import read_manifest
 
     read_manifest(art)  # the hashed manifest is untouched: still verifies
@@ -460,11 +466,11 @@ def test_build_engine_refuses_other_artifacts_and_bundle_files(tmp_path):
 
     write_manifest(tmp_path, format="onnx", model="r1-tiny")
     with pytest.raises(EdgekitError, match="is a onnx artifact, not a TensorRT one"):
-        T.build_engine(tmp_path)
+        engine.build_engine(tmp_path)
     bundle = tmp_path / "b.tar.gz"
     bundle.write_bytes(b"x")
     with pytest.raises(EdgekitError, match="is a bundle file.*edgekit install"):
-        T.build_engine(bundle)
+        engine.build_engine(bundle)
 
 
 def test_cli_build_engine_fails_cleanly(tmp_path, monkeypatch):
@@ -482,7 +488,7 @@ def test_cli_build_engine_fails_cleanly(tmp_path, monkeypatch):
                                                    ("10.7.0", ["10.3"], False), ("8.6.2.3", ["8.6.2"], True),
                                                    ("10.13.0", ["10.x"], True), ("8.5.2", ["10.x"], False)])
 def test_tensorrt_compatibility(installed, versions, ok):
-    assert T.compatible_tensorrt(installed, versions) is ok
+    assert compatible(installed, versions) is ok
 
 
 # ------------------------------------------------------------------------------------------------
@@ -517,7 +523,7 @@ def test_export_r1_tiny_for_jetson_orin_fp16(tmp_path, reuse_graph):
     v = m["validation"]["onnxruntime_cpu"]
     assert v["vs_fp32"]["passed"] and v["vs_fp32"]["logit_cosine_mean"] > 0.999
     assert v["vs_stored_weights"]["max_abs_diff"] < 1e-4
-    recipe = json.loads((out / T.RECIPE_FILE).read_text())
+    recipe = json.loads((out / tb.RECIPE_FILE).read_text())
     assert recipe["sm"] == "8.7" and recipe["context"] == 1024 and r["files"]
     # the artifact runs in ONNX Runtime as it is (no engine here)
     from runtimes import open_runner
@@ -541,7 +547,7 @@ def test_export_r1_tiny_int4_weight_only(tmp_path, reuse_graph):
     assert v["vs_stored_weights"]["logit_cosine_mean"] > 0.999  # the Q/DQ graph computes what it stores
     assert v["vs_fp32"]["passed"]  # the int4 fidelity floor (random weights: cosine; argmax is reported)
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    assert T.check_ops(graph, "10.3")["ok"] and not T.check_ops(graph, "8.6.2")["ok"]
+    assert ops.check_ops(graph, "10.3")["ok"] and not ops.check_ops(graph, "8.6.2")["ok"]
 
 
 @pytest.mark.slow

@@ -9,10 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-import exporters.tensorrt as T
+import runtimes.tensorrt as rt
 from edgekit.artifact import write_manifest
+from edgekit.engine import build_engine
 from edgekit.errors import EdgekitError
 from edgekit.models import preset
+from exporters.tensorrt import GRAPH_COSINE
 from runtimes import open_runner
 
 
@@ -22,9 +24,9 @@ def engine_artifact(tmp_path, facts=None, engine=True):
     art.mkdir()
     (art / "config.json").write_text(json.dumps(preset("r1-tiny").to_dict()))
     if engine:
-        (art / T.ENGINE_FILE).write_bytes(b"not an engine")
+        (art / rt.ENGINE_FILE).write_bytes(b"not an engine")
     if facts is not None:
-        (art / T.ENGINE_JSON).write_text(json.dumps(facts))
+        (art / rt.ENGINE_JSON).write_text(json.dumps(facts))
     write_manifest(art, format="tensorrt", model="r1-tiny", precision="fp16")
     return art
 
@@ -45,8 +47,6 @@ def test_without_tensorrt_activate_is_a_one_line_error(tmp_path, monkeypatch):
 
 
 def test_without_a_gpu_activate_is_a_one_line_error(tmp_path, monkeypatch):
-    import runtimes.tensorrt as rt
-
     monkeypatch.setattr(rt, "load_tensorrt", lambda: FakeTRT)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(EdgekitError, match="no CUDA GPU is visible"):
@@ -54,8 +54,6 @@ def test_without_a_gpu_activate_is_a_one_line_error(tmp_path, monkeypatch):
 
 
 def gpu_here(monkeypatch, sm=(8, 7)):
-    import runtimes.tensorrt as rt
-
     monkeypatch.setattr(rt, "load_tensorrt", lambda: FakeTRT)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.get_device_capability", lambda *a: sm)
@@ -90,7 +88,7 @@ def _target_profile() -> str | None:
 
 @pytest.fixture(scope="module")
 def built_artifact(tmp_path_factory):
-    why = T.tensorrt_available()
+    why = rt.tensorrt_available()
     if why:
         pytest.skip(f"needs TensorRT and a GPU: {why}")
     device = _target_profile()
@@ -109,8 +107,8 @@ def built_artifact(tmp_path_factory):
 def test_export_builds_and_validates_the_engine_here(built_artifact):
     _out, r = built_artifact
     e = r["engine"]
-    assert e["file"] == T.ENGINE_FILE and e["tensorrt"] and e["sm"]
-    assert e["validation"]["passed"] and e["validation"]["logit_cosine_mean"] >= T.GRAPH_COSINE
+    assert e["file"] == rt.ENGINE_FILE and e["tensorrt"] and e["sm"]
+    assert e["validation"]["passed"] and e["validation"]["logit_cosine_mean"] >= GRAPH_COSINE
 
 
 @pytest.mark.tensorrt
@@ -123,7 +121,7 @@ def test_engine_runs_prefill_and_decode_like_onnxruntime(built_artifact):
         for ids in (prompt, np.array([[32], [32]]), np.array([[119], [119]])):
             (la, ea), (lb, eb) = a.step(ids), b.step(ids)
             cos = (la * lb).sum(-1) / np.linalg.norm(la, axis=-1) / np.linalg.norm(lb, axis=-1)
-            assert cos.min() > T.GRAPH_COSINE
+            assert cos.min() > GRAPH_COSINE
             np.testing.assert_array_equal(ea, eb)
 
 
@@ -133,7 +131,7 @@ def test_build_engine_rebuilds_with_force_and_keeps_the_manifest_valid(built_art
 
     out, _r = built_artifact
     with pytest.raises(EdgekitError, match="already has"):
-        T.build_engine(out)
-    r = T.build_engine(out, force=True)
+        build_engine(out)
+    r = build_engine(out, force=True)
     assert r["status"] == "built" and r["validation"]["passed"] and not r["forced"]
     read_manifest(out)
