@@ -91,11 +91,12 @@ def run(reference, candidate, spec: DecoderSpec, fidelity: bool = False, text=No
         else:
             ref, got = reference.infer(feeds), candidate.infer(feeds)
         stats = compare_outputs(ref, got, spec.output_names)
-        worst = max(stats, key=lambda n: stats[n]["max_abs_diff"] / max(1.0, stats[n]["scale"]))
+        relative = {n: s["max_abs_diff"] / max(1.0, s["scale"]) for n, s in stats.items()}
+        worst = max(relative, key=relative.get)
         entry = {"batch_seq_past": list(case["shape"]), "setting": case["label"],
                  "max_abs_diff": max(s["max_abs_diff"] for s in stats.values()),
                  "logits_max_abs_diff": stats["logits"]["max_abs_diff"], "logits_scale": stats["logits"]["scale"],
-                 "worst_output": worst, "worst_relative_diff": stats[worst]["max_abs_diff"] / max(1.0, stats[worst]["scale"])}
+                 "worst_output": worst, "worst_relative_diff": relative[worst]}
         if spec.gated:
             entry["executed"] = ref["executed"].astype(int).tolist()
             entry["executed_candidate"] = np.asarray(got["executed"]).astype(int).tolist()
