@@ -64,5 +64,6 @@ class DecoderSpec:
             feeds["thresholds"] = np.broadcast_to(np.asarray(thr, np.float32), (cfg.n_layers,)).copy()
         for n in self.past_names():
             dim = self.value_dim if n.endswith(".value") else cfg.head_dim
-            feeds[n] = rng.standard_normal((batch, cfg.n_heads, past, dim)).astype(np.float32)
+            heads = getattr(cfg, "kv_heads", cfg.n_heads)  # the cache holds K/V heads (GQA: fewer than the queries)
+            feeds[n] = rng.standard_normal((batch, heads, past, dim)).astype(np.float32)
         return feeds

@@ -160,6 +160,11 @@ def hoist_branch_invariants(model_proto) -> dict[str, int]:
             continue
         seen.setdefault(key, node)
         nodes.append(node)
+    names = set()  # a hoisted node may carry a name the main graph already uses (each graph numbers its own)
+    for node in nodes:
+        if node.name in names:
+            node.name = f"{node.name}_hoisted{len(names)}"
+        names.add(node.name)
     del g.node[:]
     g.node.extend(nodes)
     return {"hoisted": hoisted, "merged": len(main) - len(nodes)}

@@ -52,11 +52,10 @@ def routed_allowed(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, block_s
     return selected[..., kblk] | local
 
 
-def block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Routing keys [B, Hkv, NF, D]: mean K of each complete block (NF = K // block_size)."""
-    b, h, n_keys, d = k.shape
-    n_full = n_keys // block_size
-    return k[:, :, : n_full * block_size].reshape(b, h, n_full, block_size, d).mean(3)
+def block_means(k_blocks: torch.Tensor) -> torch.Tensor:
+    """Routing keys [B, Hkv, NB, D] from the zero-padded key blocks [B, Hkv, NB, block, D]: mean K of each block
+    (the last one, when incomplete, is never eligible: routing only reads complete earlier blocks)."""
+    return k_blocks.mean(3)
 
 
 def max_route_k(cfg: ModelConfig) -> int:
@@ -81,10 +80,10 @@ def routed_attention(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q: torc
     hkv, n_keys, bs = k_all.shape[1], k_all.shape[2], cfg.block_size
     n_kb = (n_keys + bs - 1) // bs
     pad = n_kb * bs - n_keys
-    kb = F.pad(k_all, (0, 0, 0, pad)).reshape(b * hkv * n_kb, bs, d)  # every key block, flat
+    kb = F.pad(k_all, (0, 0, 0, pad)).reshape(b, hkv, n_kb, bs, d)  # every key block
+    k_mean = attn.expand_kv(block_means(kb))  # [B, H, NB, D]
+    kb = kb.reshape(b * hkv * n_kb, bs, d)  # flat, for the gather
     vb = F.pad(v_all, (0, 0, 0, pad)).reshape(b * hkv * n_kb, bs, d)
-    k_mean = attn.expand_kv(block_means(k_all, bs))  # [B, H, NF, D]
-    n_full = k_mean.shape[2]
     g = torch.sigmoid(attn.relpos.gate(x)).transpose(1, 2)  # [B, H, S]
     local_tab = F.pad(attn.relpos.local, (0, 1)).reshape(-1)  # entry local_window = 0: beyond the window
     glob_tab = attn.relpos.glob.reshape(-1)
@@ -94,24 +93,28 @@ def routed_attention(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q: torc
     exporting = _exporting()
     chunk = s if exporting or not chunk else chunk
     outs = []
-    for c0 in range(0, s, chunk):
-        qc, pos = q[:, :, c0:c0 + chunk], qpos[c0:c0 + chunk]  # [B, H, C, D], [C]
+    for c0 in [0] if exporting else range(0, s, chunk):  # export: one chunk (no shape-dependent loop)
+        qc, pos, gc = (q, qpos, g) if exporting else (q[:, :, c0:c0 + chunk], qpos[c0:c0 + chunk],
+                                                      g[:, :, c0:c0 + chunk])  # [B,H,C,D], [C], [B,H,C]
         qblk = torch.div(pos, bs, rounding_mode="floor")
         if kmax is not None:
             km = kmax
         elif exporting:
             km = max_route_k(cfg)
-        else:
-            km = min(route_k(int(qblk[-1]) + 1), n_full) if int(qblk[-1]) > 0 else 0
+        else:  # the exact maximum over the chunk; a query in block qb has qb earlier complete blocks
+            km = min(route_k(int(qblk[-1]) + 1), int(qblk[-1]))
         blocks = qblk.expand(b, h, -1)[..., None]  # own block [B, H, C, 1]
         valid = torch.ones_like(blocks, dtype=torch.bool)
         if km > 0:
             route = qc @ k_mean.transpose(-1, -2)  # [B, H, C, NF]
-            eligible = torch.arange(n_full, device=q.device)[None, :] < qblk[:, None]
+            eligible = torch.arange(n_kb, device=q.device)[None, :] < qblk[:, None]
             route = route.masked_fill(~eligible, float("-inf"))
             route = F.pad(route, (0, km), value=float("-inf"))  # at least km columns
-            best, order = route.sort(dim=-1, descending=True, stable=True)
-            best, order = best[..., :km], order[..., :km]  # [B, H, C, km]
+            if exporting:  # ONNX TopK breaks ties to the lower index, as the stable sort does
+                best, order = route.topk(km, dim=-1)
+            else:  # torch.topk documents no tie order
+                best, order = route.sort(dim=-1, descending=True, stable=True)
+                best, order = best[..., :km], order[..., :km]  # [B, H, C, km]
             k_per_query = torch.log2((qblk + 1).float()).floor().clamp(min=1).long()
             chosen = (torch.arange(km, device=q.device) < k_per_query[:, None]) & (best > float("-inf"))
             order = torch.where(chosen, order, blocks)  # unused slots point at the own block, masked below
@@ -124,7 +127,7 @@ def routed_attention(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q: torc
         allowed = valid[..., None] & (dist >= 0)  # routed blocks lie before the query; the own block causally
         local_idx, global_idx = relative_indices(dist, cfg)
         row = heads[:, None, None, None]
-        gc = g[:, :, c0:c0 + chunk, None, None]
+        gc = gc[..., None, None]
         bias = gc * local_tab[row * (cfg.local_window + 1) + local_idx] + (1 - gc) * glob_tab[
             row * cfg.n_global_buckets + global_idx]
         c = qc.shape[2]
