@@ -101,16 +101,18 @@ PRESETS: dict[str, ModelConfig] = {
                            max_seq_len=1024, local_window=16, n_global_buckets=8, block_size=16,
                            n_unique_blocks=2, gated_layers=_r1_gates(4)),
     "v3-mini": ModelConfig("v3", "v3-mini", d_model=768, n_layers=12, n_heads=12, d_ff=2048,
-                           max_seq_len=2048, local_window=64, n_global_buckets=16, memory_len=1024),
-    "r1-mini": ModelConfig("r1", "r1-mini", d_model=768, n_layers=16, n_heads=12, d_ff=2048,
-                           max_seq_len=2048, local_window=64, n_global_buckets=16, block_size=64,
+                           max_seq_len=8192, local_window=64, n_global_buckets=16, memory_len=1024),
+    "r1-mini": ModelConfig("r1", "r1-mini", d_model=768, n_layers=16, n_heads=12, n_kv_heads=4, d_ff=2048,
+                           max_seq_len=8192, local_window=64, n_global_buckets=16, block_size=64,
                            n_unique_blocks=8, gated_layers=_r1_gates(16)),
-    # Full size: LLaMA-13B-shaped V3 (13.0 B); R1 with 40 unique 4096-wide blocks used twice (8.4 B unique).
+    # Full size: LLaMA-13B-shaped V3 (13.0 B); R1 with 40 unique 4096-wide blocks used twice (8.4 B unique),
+    # grouped-query attention (4 K/V heads of 128 for 32 query heads: the KV cache is 1/8 of full width; the
+    # parameters the narrower K/V projections free go to the MLP, d_ff 13440).
     "v3-13b": ModelConfig("v3", "v3-13b", vocab_size=32000, d_model=5120, n_layers=40, n_heads=40,
                           d_ff=13824, max_seq_len=8192, local_window=128, n_global_buckets=32,
                           max_distance=8192, memory_len=4096),
     "r1-8.5b": ModelConfig("r1", "r1-8.5b", vocab_size=32000, d_model=4096, n_layers=80, n_heads=32,
-                           d_ff=11008, max_seq_len=8192, local_window=128, n_global_buckets=32,
+                           n_kv_heads=4, d_ff=13440, max_seq_len=8192, local_window=128, n_global_buckets=32,
                            max_distance=8192, block_size=128, n_unique_blocks=40,
                            gated_layers=_r1_gates(80)),
 }

@@ -150,7 +150,8 @@ def _shape_of(cfg_json: str) -> Shape:
     return Shape(cfg.name, cfg.family, cfg.n_layers, len(model.blocks), len(cfg.gated_layers), cfg.d_model,
                  cfg.n_heads, cfg.d_ff, cfg.vocab_size, cfg.max_seq_len, cfg.memory_len, cfg.block_size,
                  counts["unique"], counts["total"], embed, head, block_linear,
-                 block.attn.k.weight.numel() + block.attn.v.weight.numel(), block_params - block_linear, other)
+                 block.attn.k.weight.numel() + block.attn.v.weight.numel(), block_params - block_linear, other,
+                 n_kv_heads=cfg.kv_heads, kv_width=2 * cfg.kv_heads * cfg.head_dim)  # GQA: K/V heads only
 
 
 def _int(d: dict, key: str, default=None) -> int:
