@@ -47,6 +47,7 @@ from pathlib import Path, PureWindowsPath
 
 from edgekit.artifact import MANIFEST, os_error, sha256_file, versions
 from edgekit.errors import EdgekitError, unknown_name
+from edgekit.families import FAMILIES, is_gated, is_hf
 from edgekit.versions import compatible, version_tuple
 
 BUNDLE_FORMAT = 1
@@ -397,9 +398,10 @@ def _settings(res, runtime: str | None, threads: int | None, threshold) -> dict:
         raise EdgekitError(f"runtime {runtime} cannot run a {res.kind} artifact", f"use {' or '.join(runs)}")
     if threads is not None and threads < 1:
         raise EdgekitError("--threads must be at least 1")
-    gated = res.cfg.family == "r1"
+    gated = is_gated(res.cfg)
     if threshold is not None and not gated:
-        raise EdgekitError(f"--threshold applies to R1 models; {res.name} is {res.cfg.family.upper()}")
+        raise EdgekitError(f"--threshold applies to gated models (R1, calibrate-skip); {res.name} has no skip gates",
+                           "drop --threshold")
     if gated and threshold is None:
         threshold = res.cfg.default_threshold
     return {"runtime": runtime, "threads": threads, "threshold": threshold}
@@ -431,7 +433,7 @@ def package(artifact_dir: str | Path, device: str, out_file: str | Path, sign_ke
 
     files = _collect(art)
     blobs: dict[str, bytes] = {}
-    if TOKENIZER not in files and res.cfg.family.startswith("hf-"):
+    if TOKENIZER not in files and is_hf(res.cfg):
         raise EdgekitError(f"{art} is a Hugging Face export without {TOKENIZER}, so the bundle could not run",
                            "copy the model's tokenizer.json (and tokenizer_config.json) into the artifact")
     if TOKENIZER not in files:
@@ -838,7 +840,8 @@ def run(target: str | Path, prompt: str, max_new_tokens: int = 16, public_key: s
     manifest = read_installed(target, public_key)
     tok = _read_tokenizer(target)
     # a Hugging Face tokenizer.json (tokenizers' format: a "model" section) for hf-* models, else edgekit's byte one
-    hf = str(manifest.get("family", "")).startswith("hf-") and isinstance(tok.get("model"), dict)
+    known = FAMILIES.get(str(manifest.get("family", "")))
+    hf = known is not None and known.tokenizer == "tokenizer.json" and isinstance(tok.get("model"), dict)
     if not hf and tok.get("type") != "byte":
         raise EdgekitError(f"{target}: tokenizer type {tok.get('type')!r} is not supported by this edgekit",
                            "upgrade edgekit on the device")
