@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("EDGEKIT_QUIET", "1")
 
 from edgekit import device  # noqa: E402
-from edgekit import profile as prof  # noqa: E402
+from edgekit import profiling as prof  # noqa: E402
 from edgekit.errors import EdgekitError  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

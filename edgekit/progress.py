@@ -1,14 +1,51 @@
-"""Progress display for long steps: a rich progress bar on stderr, silent when not a terminal
-or when EDGEKIT_QUIET is set (tests, --json pipelines)."""
+"""Progress display for long steps on stderr, silent when not a terminal or when EDGEKIT_QUIET is set
+(tests, --json pipelines).
+
+This module is the bottom layer and imports no display library: by default it writes one plain line
+that it rewrites in place; the CLI installs its rich progress bar with set_display()."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 Advance = Callable[..., None]
+Display = Callable[[str, "float | None"], AbstractContextManager[Advance]]
+
+_display: Display | None = None
+
+
+def set_display(display: Display | None) -> None:
+    """Use `display(description, total)` (a context manager yielding advance) for every progress; None: plain."""
+    global _display
+    _display = display
+
+
+@contextlib.contextmanager
+def plain(description: str, total: float | None = None) -> Iterator[Advance]:
+    """One stderr line, rewritten at most 10 times a second and cleared at the end."""
+    state = {"done": 0.0, "text": description, "shown": 0.0}
+    t0 = time.monotonic()
+
+    def advance(n: float = 1, description: str | None = None) -> None:
+        state["done"] += n
+        state["text"] = description or state["text"]
+        now = time.monotonic()
+        if now - state["shown"] >= 0.1:
+            state["shown"] = now
+            count = f" {state['done']:.0f}/{total:.0f}" if total else ""
+            sys.stderr.write(f"\r\033[K{state['text']}{count} {now - t0:.0f}s")
+            sys.stderr.flush()
+
+    try:
+        yield advance
+    finally:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
 
 
 @contextlib.contextmanager
@@ -17,15 +54,5 @@ def progress(description: str, total: float | None = None) -> Iterator[Advance]:
     if os.environ.get("EDGEKIT_QUIET") or not sys.stderr.isatty():
         yield lambda *a, **k: None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed:.0f}/{task.total:.0f}" if total else ""), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-
-        def advance(n: float = 1, description: str | None = None) -> None:
-            bar.update(task, advance=n, **({"description": description} if description else {}))
-
+    with (_display or plain)(description, total) as advance:
         yield advance

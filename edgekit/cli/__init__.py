@@ -1,0 +1,35 @@
+"""The edgekit command line: a thin shell over the Python API (edgekit.api and the workflow modules).
+
+One module per command group; each command parses its options, calls one API function and prints the
+result through edgekit.cli.render (the only module that imports rich) or, with --json, as JSON. User
+mistakes are EdgekitError: one line "error: ... (fix)" and exit 1; set EDGEKIT_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from edgekit.cli import bundle, engine, export, generate, models, plan, profile, render
+from edgekit.errors import EdgekitError
+
+app = typer.Typer(help="Quantize, export, validate, profile and package the V3 and R1 model families.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+for group in (models, generate, export, bundle, plan, profile, engine):  # the order of 'edgekit --help'
+    group.register(app)
+
+
+def main() -> None:
+    render.use_rich_progress()
+    try:
+        app()  # standalone: usage errors print click's message and exit 2
+    except EdgekitError as e:
+        if os.environ.get("EDGEKIT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,74 @@
+"""edgekit export, quantize, calibrate-skip: commands that turn a model into an artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgekit import api
+from edgekit.cli import render
+from edgekit.cli.options import FidelityData, Force, JsonOut, OutDir, Target
+
+
+def export(
+    target: Target,
+    out: OutDir,
+    fmt: Annotated[str, typer.Option("--format", help="onnx or tensorrt.")] = "onnx",
+    int8: Annotated[bool, typer.Option("--int8", help="ONNX Runtime dynamic int8 (CPU/ARM targets).")] = False,
+    device: Annotated[str | None, typer.Option(help="Target device profile (tensorrt).")] = None,
+    context: Annotated[int | None, typer.Option(help="Context length to plan for (tensorrt).")] = None,
+    precision: Annotated[str | None, typer.Option(help="TensorRT precision (default fp16).")] = None,
+    min_cosine: Annotated[float | None, typer.Option("--min-cosine", help="Fail below this logit cosine (default "
+                                                     "0.99 for onnx int8; tensorrt: fp16 0.999, int4 0.95).")] = None,
+    fidelity_data: FidelityData = None,
+    force: Force = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Export to an artifact directory (model, config, manifest); validation failures fail the command."""
+    r = api.export(target, fmt, out, int8=int8, force=force, min_cosine=min_cosine, device=device,
+                   context=context, precision=precision, fidelity_data=fidelity_data)
+    render.emit(r, as_json, render.show_export)
+
+
+def quantize(
+    target: Target,
+    out: OutDir,
+    min_cosine: Annotated[float, typer.Option("--min-cosine", help="Fail below this logit cosine.")] = 0.99,
+    fidelity_data: FidelityData = None,
+    force: Force = False,
+    as_json: JsonOut = False,
+) -> None:
+    """PyTorch dynamic int8 of the Linear layers, written as a safetensors checkpoint artifact."""
+    r = api.quantize(target, out, force=force, min_cosine=min_cosine, fidelity_data=fidelity_data)
+    render.emit(r, as_json, render.show_quantize)
+
+
+def calibrate_skip_cmd(
+    target: Annotated[Path, typer.Argument(help="Hugging Face model directory (qwen2, llama, deepseek_v3).")],
+    data: Annotated[Path, typer.Option("--data", help="Calibration text (plain UTF-8), tokenized in chunks.")],
+    out: OutDir,
+    layers: Annotated[str | None, typer.Option(help="Layers to gate, comma-separated (default: all).")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration chunk.")] = 128,
+    max_ppl_increase: Annotated[float, typer.Option("--max-ppl-increase", help="Default threshold: the largest "
+                                                    "whose held-out perplexity rises at most this much.")] = 0.05,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Set the default threshold yourself.")] = None,
+    force: Force = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Fit per-layer skip gates on calibration text; write a gated checkpoint (export keeps them as If)."""
+    from edgekit.calibrate import calibrate_skip, parse_layers
+
+    r = calibrate_skip(target, data, out, layers=parse_layers(layers), seq_len=seq_len,
+                       max_ppl_increase=max_ppl_increase, threshold=threshold, force=force)
+    render.emit(r, as_json, lambda r: render.say(
+        f"wrote {r['out']}: {len(r['gated_layers'])} gated layers, default threshold {r['default_threshold']:.4g} "
+        f"(held-out perplexity {r['chosen']['ppl']:.4g}, {r['chosen']['ppl_increase']:+.1%}; "
+        f"{r['chosen']['layers_skipped_mean']:.2f} layers skipped per call)"))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(export)
+    app.command()(quantize)
+    app.command("calibrate-skip")(calibrate_skip_cmd)

@@ -1,0 +1,34 @@
+"""edgekit generate: text from a preset, checkpoint or exported artifact."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from edgekit import api
+from edgekit.cli import render
+from edgekit.cli.options import Chat, JsonOut, MaxNewTokens, Prompt, Target, Threshold, one_of
+
+
+def generate(
+    target: Target,
+    prompt: Prompt = None,
+    chat: Chat = None,
+    max_new_tokens: MaxNewTokens = 16,
+    threshold: Threshold = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens (0 = all).")] = 0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    runtime: Annotated[str | None, typer.Option(help="torch or onnxruntime (default: by artifact).")] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Generate text with a preset, checkpoint or exported artifact."""
+    one_of(prompt, chat, "generate")
+    r = api.generate(target, prompt if chat is None else chat, max_new_tokens=max_new_tokens, threshold=threshold,
+                     temperature=temperature, top_k=top_k, seed=seed, runtime=runtime, chat=chat is not None)
+    render.emit(r, as_json, render.show_generated)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(generate)
