@@ -27,3 +27,35 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> EdgekitError:
     near = difflib.get_close_matches(name, known, n=1, cutoff=0.4)
     hint = f"did you mean '{near[0]}'? " if near else ""
     return EdgekitError(f"unknown {kind} '{name}'", f"{hint}known: {', '.join(known)}")
+
+
+# the optional dependency groups of pyproject.toml: what each one is for, in the message of a missing library
+EXTRAS = {"export": "exporting, quantizing, calibrating and PyTorch runs need it", "hf": "Hugging Face models "
+          "need it", "plot": "plots need it"}
+# libraries of the extras, for the import errors no require() catches
+LIBRARY_EXTRA = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
+                 "transformers": "export", "matplotlib": "plot"}
+
+
+def require(module: str, extra: str = "export"):
+    """Import `module`, or say which extra installs it: one line, not an ImportError."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise _missing(module.split(".")[0], extra) from None
+
+
+def missing_library(e: ImportError) -> EdgekitError | None:
+    """A one-line error for an import of an extra's library that the install lacks (None: not one of them)."""
+    name = (getattr(e, "name", None) or "").split(".")[0]
+    extra = LIBRARY_EXTRA.get(name)
+    if extra is None:
+        return None
+    return _missing(name, extra)
+
+
+def _missing(name: str, extra: str) -> EdgekitError:
+    return EdgekitError(f"{name} is not installed; {EXTRAS.get(extra, 'this command needs it')}",
+                        f"pip install 'edgekit[{extra}]'")

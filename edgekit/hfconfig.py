@@ -12,20 +12,16 @@ from pathlib import Path
 from edgekit.errors import EdgekitError
 
 SUPPORTED = ("qwen2", "llama", "deepseek_v3")
-INSTALL = "pip install 'edgekit[hf]'"
 # files an artifact keeps from the source directory (tokenizer, chat template, generation defaults)
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
               "skip_gates.json")  # the last: gated layers + default threshold of a calibrate-skip model
 
 
 def require(module: str):
-    import importlib
+    """Import a library Hugging Face models need (transformers, tokenizers), or say which extra installs it."""
+    from edgekit.errors import require as require_extra
 
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise EdgekitError(f"Hugging Face models need the '{module}' library, which is not installed",
-                           INSTALL) from None
+    return require_extra(module, "hf")
 
 
 def raw_config(directory: Path) -> dict | None:

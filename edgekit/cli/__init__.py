@@ -13,7 +13,7 @@ import sys
 import typer
 
 from edgekit.cli import bundle, engine, export, generate, models, plan, profile, render
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, missing_library
 
 app = typer.Typer(help="Quantize, export, validate, profile and package the V3 and R1 model families.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -29,6 +29,12 @@ def main() -> None:
         if os.environ.get("EDGEKIT_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except ImportError as e:  # torch & co. on a device install (pip install .): name the extra to install
+        missing = missing_library(e)
+        if missing is None or os.environ.get("EDGEKIT_DEBUG"):
+            raise
+        print(f"error: {missing}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -188,7 +188,9 @@ def show_profile(r: dict, console: Console = console) -> None:
             text += (f"; CUDA max allocated {mib['cuda_max_allocated_bytes']:.1f} MiB, reserved "
                      f"{mib['cuda_max_reserved_bytes']:.1f} MiB")
         lines.append(text)
-    lines.append(f"size: {size['weight_bytes_stored'] / 2**20:.2f} MiB of weights"
+    stored = f"{size['weight_bytes_stored'] / 2**20:.2f} MiB of weights" if size.get("weight_bytes_stored") \
+        else "weights not counted"
+    lines.append(f"size: {stored}"
                  + (f", {size['artifact_bytes'] / 2**20:.2f} MiB on disk" if size.get("artifact_bytes") else ""))
     if g and "skipped_fraction" in g:
         lines.append(f"R1: {g['gated_skipped']} of {g['gated_executions']} gated layer executions skipped "

@@ -33,35 +33,27 @@ def weight_traffic(cfg, precision: str, batch: int = 1, run_fraction: list[float
         if directory is None:
             raise EdgekitError(f"{cfg.name}: the weight traffic of a Hugging Face model needs its directory")
         return hf_weight_traffic(cfg, directory, precision, batch, run_fraction)
-    from edgekit.models import build
-    from edgekit.models.layers import Linear
+    from edgekit import structure  # the model's parameters from its config: no torch on a device
 
-    model = build(cfg, device="meta")
     lin, other = _widths(precision)
 
-    def module_bytes(module) -> int:
-        total = 0
-        for _, m in module.named_modules():
-            for pname, p in m.named_parameters(recurse=False):
-                if isinstance(m, Linear) and pname == "weight":
-                    total += p.numel() * lin + (4 * p.shape[1] if precision == "int8" else 0)
-                else:
-                    total += p.numel() * other
-        return total
+    def nbytes(params: dict) -> int:
+        return sum(structure.numel(shape) * lin + (4 * shape[1] if precision == "int8" else 0) if linear
+                   else structure.numel(shape) * other for shape, linear in params.values())
 
-    per_block = []
-    for block in model.blocks:
-        always = module_bytes(block.attn_norm) + module_bytes(block.attn.k) + module_bytes(block.attn.v)
-        per_block.append((always, module_bytes(block) - always))
-    gates = {int(k): module_bytes(g) for k, g in getattr(model, "gates", {}).items()}
+    block = structure.block(cfg)
+    always = nbytes({k: v for k, v in block.items() if k in ("attn_norm.weight", "attn.k.weight", "attn.v.weight")})
+    rest = nbytes(block) - always
+    gate = nbytes(structure.gate_params(cfg)) if cfg.family == "r1" else 0
+    gated = set(cfg.gated_layers) if cfg.family == "r1" else set()
+    params = structure.parameters(cfg)
     run_fraction = run_fraction or [1.0] * cfg.n_layers
-    head = module_bytes(model.lm_head) if model.lm_head is not None else model.embed.weight.numel() * other
-    step = batch * cfg.d_model * other + module_bytes(model.norm) + head
+    head = nbytes({"lm_head": params["lm_head.weight"]}) if "lm_head.weight" in params \
+        else structure.numel(params["embed.weight"][0]) * other
+    step = batch * cfg.d_model * other + nbytes({"norm": params["norm.weight"]}) + head
     for layer in range(cfg.n_layers):
-        always, rest = per_block[cfg.block_of(layer)]
-        step += always + gates.get(layer, 0) + run_fraction[layer] * rest
-    stored = sum(module_bytes(m) for m in [*model.blocks, model.embed, model.norm]) + sum(gates.values())
-    stored += module_bytes(model.lm_head) if model.lm_head is not None else 0
+        step += always + (gate if layer in gated else 0) + run_fraction[layer] * rest
+    stored = nbytes(params)
     return {"weight_bytes_stored": int(stored), "weight_bytes_per_decode_step": int(step)}
 
 
@@ -76,13 +68,16 @@ def hf_weight_traffic(cfg: HFConfig, directory: str | Path, precision: str, batc
     projections are always read, the rest when the layer runs; a calibrate-skip gate is read every step.
     MoE routed experts (3-D weights under `.experts.`): the expected share that `batch` tokens reach,
     1 - (1 - top_k / experts) ** batch, assuming uniform routing (the real routing is not measured)."""
-    import torch
-    from torch import nn
-
-    from edgekit.hfconfig import require
+    try:  # the structure comes from transformers on torch's meta device: not on a device install
+        import torch
+        import transformers
+        from torch import nn
+    except ImportError as e:
+        return {"weight_bytes_stored": None, "weight_bytes_per_decode_step": None,
+                "weight_traffic_unavailable": f"counting a Hugging Face model's weights needs {e.name}, which is "
+                                              "not installed (pip install 'edgekit[export]')"}
     from edgekit.models.hf import SkipGate
 
-    transformers = require("transformers")
     transformers.utils.logging.set_verbosity_error()
     try:
         config = transformers.AutoConfig.from_pretrained(str(directory))
@@ -152,6 +147,9 @@ def bandwidth_for(info: dict, on_gpu: bool) -> tuple[float | None, str]:
 
 
 def roofline(measured_tokens_per_s: float | None, traffic: dict, info: dict, on_gpu: bool, batch: int) -> dict:
+    if traffic.get("weight_bytes_per_decode_step") is None:
+        return {"bandwidth_gbs": None, "bandwidth_from": traffic.get("weight_traffic_unavailable", "unknown"),
+                "weight_bytes_per_decode_step": None}
     bw, where = bandwidth_for(info, on_gpu)
     out = {"bandwidth_gbs": bw, "bandwidth_from": where,
            "weight_bytes_per_decode_step": traffic["weight_bytes_per_decode_step"]}
