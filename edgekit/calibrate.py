@@ -32,7 +32,6 @@ the ungated model; after an earlier skip a later layer sees a slightly different
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -185,7 +184,9 @@ def calibrate_skip(source: str | Path, data: str | Path, out: str | Path, layers
                    max_ppl_increase: float = 0.05, threshold: float | None = None, force: bool = False,
                    progress=None) -> dict:
     """Fit skip gates for a Hugging Face model directory on calibration text and write a gated checkpoint."""
-    from edgekit.artifact import sha256_file, staging
+    from edgekit.artifact import check_target, dumps, sha256_file, staging
+
+    check_target(Path(out), force)  # before any work
     from edgekit.hfconfig import is_hf_dir, read_hf_config, write_side_files
     from edgekit.models.hf import load
 
@@ -259,7 +260,7 @@ def calibrate_skip(source: str | Path, data: str | Path, out: str | Path, layers
         save_file(tensors, str(tmp / GATES_FILE), metadata={"format": FORMAT})
         stats["gates_sha256"] = sha256_file(tmp / GATES_FILE)
         stats["weights"] = linked
-        (tmp / STATS_FILE).write_text(json.dumps(stats, indent=1))
+        (tmp / STATS_FILE).write_text(dumps(stats, indent=1))
     return {"out": str(out), **{k: v for k, v in stats.items() if k != "format"}}
 
 

@@ -3,7 +3,7 @@ whatever a resolved target names (load_model). Loading never unpickles."""
 
 from __future__ import annotations
 
-import json
+import errno
 from pathlib import Path
 
 import torch
@@ -19,16 +19,27 @@ def save_checkpoint(model: CausalLM, directory: Path, int8: bool = False) -> Non
     """Write config.json and model.safetensors into an existing directory (use artifact.staging).
 
     int8=True stores the torch dynamic-int8 form (edgekit.quantize): int8 weights + scales."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file, save_model
 
-    directory = Path(directory)
-    (directory / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=1))
-    if int8:
-        from edgekit.quantize import METHOD, int8_state
+    from edgekit.artifact import dumps, os_error
 
-        save_file(int8_state(model), str(directory / WEIGHTS), metadata={"quantization": METHOD})
-    else:
-        save_model(model, str(directory / WEIGHTS))
+    directory = Path(directory)
+    try:
+        (directory / CONFIG).write_text(dumps(model.cfg.to_dict(), indent=1))
+        if int8:
+            from edgekit.quantize import METHOD, int8_state
+
+            save_file(int8_state(model), str(directory / WEIGHTS), metadata={"quantization": METHOD})
+        else:
+            save_model(model, str(directory / WEIGHTS))
+    except OSError as e:
+        raise os_error(e, directory / WEIGHTS) from None
+    except SafetensorError as e:  # safetensors reports the OS error inside its own message
+        text = str(e)
+        if "No space left" in text or "code: 28" in text or "StorageFull" in text:
+            raise os_error(OSError(errno.ENOSPC, "No space left on device"), directory / WEIGHTS) from None
+        raise EdgekitError(f"cannot write {directory / WEIGHTS}: {text.splitlines()[0] if text else e!r}") from None
 
 
 def load_checkpoint(directory: Path, device: str = "cpu") -> CausalLM:
@@ -60,6 +71,10 @@ def load_checkpoint(directory: Path, device: str = "cpu") -> CausalLM:
         raise EdgekitError(f"{weights} does not match config.json: missing {missing[:3]}, unexpected "
                            f"{unexpected[:3]}", "the weights and the config come from different models")
     for name, t in state.items():
+        if t.is_floating_point() != expected[name].is_floating_point():
+            raise EdgekitError(f"{weights}: {name} has dtype {str(t.dtype).removeprefix('torch.')}, expected a "
+                               f"{'floating-point' if expected[name].is_floating_point() else 'integer'} tensor",
+                               "the weights file is damaged or not an edgekit checkpoint; save it again")
         if t.shape != expected[name].shape:
             raise EdgekitError(f"{weights}: {name} has shape {tuple(t.shape)}, config.json implies "
                                f"{tuple(expected[name].shape)}",

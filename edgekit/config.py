@@ -55,18 +55,54 @@ class ModelConfig:
         """R1 reuses blocks cyclically: layer l runs block l % unique_blocks."""
         return layer % self.unique_blocks
 
+    # fields checked by type and range (minimum) before anything else: one line naming the field
+    POSITIVE = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "n_global_buckets",
+                "max_distance", "block_size")
+    NON_NEGATIVE = ("n_kv_heads", "local_window", "memory_len", "n_unique_blocks")
+
+    def _check_fields(self) -> None:
+        def bad(name: str, want: str) -> EdgekitError:
+            return EdgekitError(f"config.json: {name} must be {want}, got {getattr(self, name)!r}",
+                                "fix config.json, or save the checkpoint again with edgekit")
+
+        for name in ("family", "name"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "a string")
+        for name in (*self.POSITIVE, *self.NON_NEGATIVE):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise bad(name, "an integer")
+            if v < (1 if name in self.POSITIVE else 0):
+                raise bad(name, "at least 1" if name in self.POSITIVE else "0 or more")
+        if not isinstance(self.tie_embeddings, bool):
+            raise bad("tie_embeddings", "true or false")
+        for name in ("norm_eps", "default_threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise bad(name, "a finite number")
+        if self.norm_eps <= 0:
+            raise bad("norm_eps", "positive")
+        if not isinstance(self.gated_layers, list) or not all(
+                isinstance(g, int) and not isinstance(g, bool) for g in self.gated_layers):
+            raise bad("gated_layers", "a list of layer numbers")
+
     def validate(self) -> ModelConfig:
         if self.family not in ("v3", "r1"):
             raise EdgekitError(f"config: unknown family '{self.family}'", "use 'v3' or 'r1'")
+        self._check_fields()
         if self.d_model % self.n_heads:
-            raise EdgekitError(f"config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.n_kv_heads < 0 or self.n_heads % self.kv_heads:
-            raise EdgekitError(f"config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise EdgekitError(f"config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}",
+                               "choose n_heads that divides d_model")
+        if self.n_heads % self.kv_heads:
+            raise EdgekitError(f"config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}",
+                               "choose n_kv_heads that divides n_heads (0 = n_heads)")
         if self.family == "v3" and (self.gated_layers or self.n_unique_blocks):
-            raise EdgekitError("config: V3 has no gates and no parameter sharing")
+            raise EdgekitError("config: V3 has no gates and no parameter sharing",
+                               "drop gated_layers and n_unique_blocks, or use family 'r1'")
         bad = [g for g in self.gated_layers if not 0 <= g < self.n_layers]
         if bad:
-            raise EdgekitError(f"config: gated layer(s) {bad} outside 0..{self.n_layers - 1}")
+            raise EdgekitError(f"config: gated layer(s) {bad} outside 0..{self.n_layers - 1}",
+                               "list layers between 0 and n_layers - 1")
         return self
 
     def to_dict(self) -> dict:
@@ -74,14 +110,17 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise EdgekitError(f"config.json must be a JSON object of model fields, not {json.dumps(d)[:40]}",
+                               "is this an edgekit checkpoint?")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise EdgekitError(f"config.json: unknown field(s) {unknown}", "is this an edgekit checkpoint?")
-        try:
-            return cls(**d).validate()
-        except TypeError as e:
-            raise EdgekitError(f"config.json: {e}") from None
+        missing = sorted(n for n in ("family",) if n not in d)
+        if missing:
+            raise EdgekitError(f"config.json: missing field(s) {missing}", "is this an edgekit checkpoint?")
+        return cls(**d).validate()
 
 
 def _r1_gates(n_layers: int) -> list[int]:
@@ -131,5 +170,6 @@ def read_config(directory: Path) -> ModelConfig:
                            "model.safetensors")
     try:
         return ModelConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise EdgekitError(f"{path} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgekitError(f"{path} is not valid JSON: {e}", "fix config.json, or save the checkpoint again") \
+            from None

@@ -82,12 +82,20 @@ class HFConfig:
                 heads = int(d.get("num_key_value_heads") or n_attn)
                 kdim = vdim = int(d.get("head_dim") or d["hidden_size"] // n_attn)
             eos = d.get("eos_token_id")
+            sizes = {"num_attention_heads": n_attn, "heads": heads, "head_dim": kdim, "value_dim": vdim,
+                     "num_hidden_layers": int(d["num_hidden_layers"]), "vocab_size": int(d["vocab_size"]),
+                     "hidden_size": int(d["hidden_size"]),
+                     "max_position_embeddings": int(d.get("max_position_embeddings") or 4096)}
+            small = [k for k, v in sizes.items() if v < 1]
+            if small:
+                raise EdgekitError(f"config.json of {name}: {small[0]} must be at least 1, got {sizes[small[0]]}",
+                                   "is this a complete Hugging Face config?")
             return cls(model_type=mt, name=name, n_layers=int(d["num_hidden_layers"]), n_heads=heads, head_dim=kdim,
                        value_dim=vdim, vocab_size=int(d["vocab_size"]), d_model=int(d["hidden_size"]),
                        max_seq_len=int(d.get("max_position_embeddings") or 4096),
                        eos_token_id=eos[0] if isinstance(eos, list) and eos else eos,
                        bos_token_id=d.get("bos_token_id"))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
             raise EdgekitError(f"config.json of {name}: missing or bad field {e}",
                                "is this a complete Hugging Face config?") from None
 

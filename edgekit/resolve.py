@@ -67,13 +67,17 @@ def resolve(target: str | Path) -> Resolved:
     from edgekit.hfconfig import is_hf_dir, read_hf_config
 
     manifest = read_manifest(path) if (path / MANIFEST).is_file() else {}
+    if not manifest and any((path / f).is_file() for f in ("model.onnx", "model.engine")):
+        raise EdgekitError(f"{path} holds an exported model but no {MANIFEST}",
+                           "an artifact needs the manifest its export wrote; export it again with 'edgekit export'")
     hf = is_hf_dir(path)  # a Hugging Face model directory, or an artifact exported from one
     cfg = read_hf_config(path, manifest.get("model")) if hf else read_config(path)
     if hf and not manifest:
         return Resolved("hf", cfg.name, cfg, path)
     kind = manifest.get("format", "checkpoint")
     if kind not in ("checkpoint", "onnx", "engine", "tensorrt"):
-        raise EdgekitError(f"{path}: unknown artifact format '{kind}'")
+        raise EdgekitError(f"{path}: unknown artifact format {kind!r} in {MANIFEST}",
+                           "formats: checkpoint, onnx, tensorrt; re-export the artifact with this edgekit")
     if kind == "tensorrt":
         kind = "engine" if (path / "model.engine").is_file() else "onnx"
     return Resolved(kind, manifest.get("model", cfg.name), cfg, path, manifest)
@@ -90,6 +94,8 @@ def read_text(path: str | Path, option: str) -> str:
     """A non-empty UTF-8 text file given on the command line as `option`; one-line errors otherwise."""
     path = Path(path)
     fix = f"pass {option} a plain UTF-8 text file"
+    if path.is_dir():
+        raise EdgekitError(f"{path} is a directory, not a text file", fix)
     if not path.is_file():
         raise EdgekitError(f"{path} does not exist", fix)
     try:

@@ -122,7 +122,7 @@ class Runner:
         """A fresh KV cache for `batch` sequences; R1 `thresholds` (scalar or per layer) stay fixed."""
         self._check_active()
         if batch < 1:
-            raise EdgekitError(f"batch must be at least 1, got {batch}")
+            raise EdgekitError(f"batch must be at least 1, got {batch}", "pass --batch 1 or more")
         if thresholds is not None and not self.spec.gated:
             thresholds = None  # V3 has no gates: nothing to pass
         return self.session_impl(batch, thresholds)

@@ -19,6 +19,11 @@ INSTALL_HINT = {"cuda": "pip install onnxruntime-gpu (CUDA 12 build) on a machin
                 "tensorrt": "pip install onnxruntime-gpu and TensorRT on a machine with an NVIDIA GPU"}
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
 class BoundSession(Session):
     """KV cache kept in OrtValues on the provider's device (IOBinding): only the logits come back."""
 
@@ -72,7 +77,18 @@ class OnnxRuntimeRunner(Runner):
         path = self.resolved.path / self.resolved.manifest.get("model_file", "model.onnx")
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         self.provider = provider
-        self.ort_session = ort.InferenceSession(str(path), so, providers=providers)
+        try:
+            self.ort_session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:  # onnxruntime's InvalidProtobuf / Fail / ...: pybind classes, no common base
+            raise EdgekitError(f"onnxruntime cannot load {path}: {_first_line(e)}",
+                               "the model file or its external data is damaged; export the artifact again") from None
+        inputs = [i.name for i in self.ort_session.get_inputs()]
+        if sorted(inputs) != sorted(self.spec.input_names):
+            missing = sorted(set(self.spec.input_names) - set(inputs))
+            extra = sorted(set(inputs) - set(self.spec.input_names))
+            raise EdgekitError(f"{path} does not match config.json (n_layers {self.cfg.n_layers}): graph inputs "
+                               f"missing {missing[:3]}, unexpected {extra[:3]}",
+                               "the graph and config.json come from different models; export the artifact again")
         self.output_names = [o.name for o in self.ort_session.get_outputs()]
         self.io_device = "cpu" if provider == "cpu" else "cuda"
         use = self.options.get("iobinding")
@@ -87,7 +103,12 @@ class OnnxRuntimeRunner(Runner):
                 "threads": so.intra_op_num_threads or None, "iobinding": self.iobinding}
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.ort_session.run(self.output_names, feeds)))
+        try:
+            return dict(zip(self.output_names, self.ort_session.run(self.output_names, feeds)))
+        except Exception as e:  # a graph that loads but cannot run (damaged external data, wrong shapes)
+            raise EdgekitError(f"onnxruntime failed running {self.resolved.name}: {_first_line(e)}",
+                               "the artifact is damaged or does not match its config.json; export it again") \
+                from None
 
     def session_impl(self, batch: int, thresholds) -> Session:
         return BoundSession(self, batch, thresholds) if self.iobinding else Session(self, batch, thresholds)

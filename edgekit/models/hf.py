@@ -26,14 +26,17 @@ def load(directory: Path) -> HFCausalLM:
     if not list(directory.glob("*.safetensors")):
         raise EdgekitError(f"{directory}: no *.safetensors weights", "edgekit never loads pickled .bin weights; "
                            "convert them to safetensors first")
+    from safetensors import SafetensorError
+
     transformers = require("transformers")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     try:
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
                                                                use_safetensors=True, attn_implementation="eager")
-    except (OSError, ValueError) as e:
-        raise EdgekitError(f"cannot load {directory}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a damaged or pickled weights file too
+        raise EdgekitError(f"cannot load {directory}: {(str(e).splitlines() or [type(e).__name__])[0]}",
+                           "the weights must be intact safetensors files; download or convert them again") from None
     if cfg.gated_layers:  # skip gates from 'edgekit calibrate-skip'
         return load_gated(hf.eval(), cfg, directory)
     return HFCausalLM(hf.eval(), cfg)
