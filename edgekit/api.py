@@ -55,7 +55,24 @@ def generate(target: str | Path, prompt: str, max_new_tokens: int = 16, threshol
     from runtimes import open_runner
 
     if max_new_tokens < 1:
-        raise EdgekitError("--max-new-tokens must be at least 1")
+        raise EdgekitError(f"--max-new-tokens must be at least 1, got {max_new_tokens}",
+                           "pass --max-new-tokens 1 or more")
+    import math
+
+    if not math.isfinite(temperature) or temperature < 0:
+        raise EdgekitError(f"--temperature must be a finite number of at least 0, got {temperature}",
+                           "pass --temperature 0 (greedy) or more")
+    if top_k < 0:
+        raise EdgekitError(f"--top-k must be at least 0, got {top_k}", "pass --top-k 0 for all tokens, or a positive k")
+    if seed < 0:
+        raise EdgekitError(f"--seed must be at least 0, got {seed}", "pass --seed 0 or more")
+    if threshold is not None and not math.isfinite(threshold):
+        raise EdgekitError(f"--threshold must be a finite number, got {threshold}", "pass --threshold a number")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EdgekitError(f"the prompt is not valid UTF-8 text (byte {e.start} cannot be decoded)",
+                           "pass UTF-8 text; check the terminal's or the script's encoding") from None
     runner = open_runner(target, runtime, **runner_options)
     tok = runner.resolved.tokenizer()
     if isinstance(tok, ByteTokenizer):
@@ -76,20 +93,51 @@ def generate(target: str | Path, prompt: str, max_new_tokens: int = 16, threshol
     with runner:
         g = run_generation(runner.stepper(threshold), ids, max_new_tokens, temperature, top_k, seed,
                            stop=tok.eos_id)
+    # skipping is counted over the gated layers only (ungated layers always run): "24 of 24", not "24 of 36"
+    gated = len(getattr(runner.cfg, "gated_layers", None) or ())
+    slots = len(g.executed) * gated if gated else g.layer_slots
     return {"model": runner.cfg.name, "runtime": runner.name, "prompt": prompt, "text": tok.decode(g.tokens),
-            "tokens": g.tokens, "layer_slots": g.layer_slots, "layer_runs": g.layer_runs, "skipped": g.skipped,
+            "tokens": g.tokens, "layer_slots": slots, "layer_runs": slots - g.skipped, "skipped": g.skipped,
             **({"chat_prompt": rendered} if chat else {})}
 
 
 FORMATS = ("onnx", "tensorrt")
 
 
-def _write_common(tmp: Path, cfg) -> None:
-    import json
+def check_min_cosine(min_cosine: float | None) -> None:
+    import math
 
+    if min_cosine is not None and not (math.isfinite(min_cosine) and 0 <= min_cosine <= 1):
+        raise EdgekitError(f"--min-cosine {min_cosine} is not a cosine between 0 and 1",
+                           "e.g. --min-cosine 0.99 (1 = identical logits)")
+
+
+def check_options(fmt: str, int8: bool, min_cosine: float | None, device: str | None, context: int | None,
+                  precision: str | None, fidelity_data) -> None:
+    """Options that would be silently ignored are refused before any work."""
+    check_min_cosine(min_cosine)
+    if fmt == "onnx":
+        given = [o for o, v in (("--device", device), ("--context", context), ("--precision", precision))
+                 if v is not None]
+        if given:
+            raise EdgekitError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --format tensorrt, "
+                               "not to an ONNX export", "drop them, or pass --format tensorrt; for a smaller "
+                               "CPU/ARM model use --int8")
+        if not int8:
+            given = [o for o, v in (("--fidelity-data", fidelity_data), ("--min-cosine", min_cosine)) if v is not None]
+            if given:
+                raise EdgekitError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to the int8 "
+                                   "fidelity check", "add --int8, or drop them: the fp32 graph is validated against "
+                                   "PyTorch with a fixed tolerance")
+    if context is not None and context < 1:
+        raise EdgekitError(f"--context {context} must be at least 1", "e.g. --context 2048")
+
+
+def _write_common(tmp: Path, cfg) -> None:
+    from edgekit.artifact import dumps
     from edgekit.tokenizer import ByteTokenizer
 
-    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    (tmp / "config.json").write_text(dumps(cfg.to_dict(), indent=1))
     ByteTokenizer().save(tmp)
 
 
@@ -108,13 +156,15 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
     default. tensorrt: delegated to exporters.tensorrt (TensorRT-ready
     ONNX + build recipe; min_cosine defaults to the precision's own floor there).
     """
-    from edgekit.artifact import staging, write_manifest
+    from edgekit.artifact import check_target, staging, write_manifest
     from edgekit.errors import unknown_name
     from edgekit.progress import progress
     from edgekit.resolve import resolve
 
     if fmt not in FORMATS:
         raise unknown_name("format", fmt, FORMATS)
+    check_options(fmt, int8, min_cosine, device, context, precision, fidelity_data)
+    check_target(Path(out), force)  # before any work
     res = resolve(target)
     text = res.fidelity_text(fidelity_data) if int8 and fmt == "onnx" else (None, "")
     from edgekit.checkpoint import load_model
@@ -197,7 +247,7 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
 def quantize(target: str | Path, out: str | Path, force: bool = False, min_cosine: float = 0.99,
              fidelity_data: str | Path | None = None) -> dict:
     """PyTorch dynamic int8 of the Linear layers as a checkpoint artifact, with size and fidelity."""
-    from edgekit.artifact import staging, write_manifest
+    from edgekit.artifact import check_target, staging, write_manifest
     from edgekit.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
     from edgekit.progress import progress
     from edgekit.quantize import METHOD
@@ -206,6 +256,8 @@ def quantize(target: str | Path, out: str | Path, force: bool = False, min_cosin
     from edgekit.validate import cases, validate
     from runtimes.torch import TorchRunner
 
+    check_min_cosine(min_cosine)
+    check_target(Path(out), force)  # before any work
     res = resolve(target)
     text, source = res.fidelity_text(fidelity_data)
     from edgekit.checkpoint import load_model

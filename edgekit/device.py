@@ -16,6 +16,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from edgekit.errors import EdgekitError
+
 Run = Callable[[list[str]], "str | None"]
 
 # (implementer, part) -> core name, for ARM CPUs whose /proc/cpuinfo has no "model name"
@@ -23,6 +25,25 @@ Run = Callable[[list[str]], "str | None"]
 ARM_PARTS = {(0x41, 0xD07): "Cortex-A57", (0x41, 0xD08): "Cortex-A72", (0x41, 0xD0B): "Cortex-A76",
              (0x41, 0xD0C): "Neoverse-N1", (0x41, 0xD40): "Neoverse-V1", (0x41, 0xD42): "Cortex-A78AE",
              (0x41, 0xD4F): "Neoverse-V2", (0x41, 0xD8E): "Neoverse-N3", (0x4E, 0x004): "NVIDIA Carmel"}
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container or taskset may allow fewer)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def check_threads(threads, where: str = "--threads") -> int | None:
+    """None, or a thread count between 1 and this machine's usable cores (more only oversubscribes the
+    CPU; a huge value crashes the thread pools). `where` names the option or setting in the message."""
+    if threads is None:
+        return None
+    cores = usable_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores:
+        raise EdgekitError(f"{where} {threads!r} is not between 1 and this machine's {cores} usable CPU cores",
+                           f"pass --threads 1..{cores}, or leave it out to use the runtime's default")
+    return threads
 
 
 def run_command(argv: list[str], timeout: float = 5.0) -> str | None:
@@ -183,7 +204,7 @@ def identify(root: str | Path = "/", run: Run | None = None, probe_cuda: bool | 
 
         cpu["physical_cores"] = psutil.cpu_count(logical=False)
         cpu["logical_cores"] = cpu["logical_cores"] or psutil.cpu_count()
-        cpu["usable_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        cpu["usable_cores"] = usable_cores()
     info = {"hostname": platform.node() if live else None, "os": f"{platform.system()} {platform.release()}"
             if live else None, "machine": platform.machine() if live else None, "cpu": cpu,
             "memory_gib": mem_total_gib(root), "jetson": jetson_info(root, run),

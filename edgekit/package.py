@@ -45,7 +45,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path, PureWindowsPath
 
-from edgekit.artifact import MANIFEST, os_error, sha256_file, versions
+from edgekit.artifact import MANIFEST, dumps, os_error, partial_name, sha256_file, sweep_partials, versions
 from edgekit.errors import EdgekitError, unknown_name
 from edgekit.families import FAMILIES, is_gated, is_hf
 from edgekit.versions import compatible, version_tuple
@@ -120,8 +120,10 @@ def key_id(public_key) -> str:
 
 def _read_key_file(path: str | Path, option: str) -> bytes:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise EdgekitError(f"{option} {path} does not exist", "create a key pair with 'edgekit keygen --out DIR'")
+    if not path.is_file():
+        raise EdgekitError(f"{option} {path} is not a regular file", "pass the key file written by 'edgekit keygen'")
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -173,6 +175,16 @@ def _signature_bytes(private_key, manifest_bytes: bytes) -> bytes:
     return _canonical(sig)
 
 
+UNVERIFIED_FIX = ("pass --public-key with the publisher's edgekit.pub, or --allow-unsigned to accept the bundle "
+                  "without checking who made it")
+
+
+def require_key(where, public_key, allow_unsigned: bool) -> None:
+    """install and run verify by default: without a public key they refuse unless --allow-unsigned."""
+    if public_key is None and not allow_unsigned:
+        raise EdgekitError(f"{where}: no --public-key to check the bundle's signature against", UNVERIFIED_FIX)
+
+
 def _check_signature(file: Path, sig_bytes: bytes | None, manifest_bytes: bytes, public_key) -> str:
     """'valid (key ...)', 'unsigned' or 'present, not checked'; raises when a given key does not match."""
     from cryptography.exceptions import InvalidSignature
@@ -217,7 +229,12 @@ def _device_profile(device: str):
         return None
     import profiles
 
-    return profiles.load(device)  # unknown names: one line with the nearest match
+    try:
+        return profiles.load(device)  # unknown names: one line with the nearest match
+    except EdgekitError as e:
+        if e.message.startswith("unknown device"):
+            raise unknown_name("device", device, [*profiles.names(), "host", GENERIC_CPU]) from None
+        raise
 
 
 def _weights_bytes(table: dict[str, dict]) -> int:
@@ -239,6 +256,10 @@ def compatibility(device: str, res, table: dict[str, dict], settings: dict) -> d
 
     precision = res.manifest.get("precision") or "fp32"
     context = res.cfg.max_seq_len
+    if precision not in profile.precisions:
+        raise EdgekitError(f"{res.name} is {precision}, which {profile.name} does not run (it runs "
+                           f"{', '.join(profile.precisions)})", "package an artifact in one of those precisions "
+                           "(export --int8, or export --format tensorrt), or choose another --device")
     row = plan.plan(res.path, profile.name, precision=precision, context=context)["rows"][0]
     if not row["fits"]:
         raise EdgekitError(f"{res.name} ({precision}) does not fit {profile.name}: edgekit plan estimates "
@@ -362,7 +383,7 @@ def _gib(n: int) -> str:
 
 
 def _canonical(obj) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=True) + "\n").encode()
+    return (dumps(obj, indent=1, sort_keys=True, ensure_ascii=True) + "\n").encode()
 
 
 def _collect(art: Path) -> dict[str, Path]:
@@ -395,9 +416,14 @@ def _settings(res, runtime: str | None, threads: int | None, threshold) -> dict:
         raise unknown_name("runtime", runtime, RUNTIMES)
     runs = {"checkpoint": ("torch",), "onnx": ("onnxruntime", "tensorrt")}[res.kind]
     if runtime not in runs:
-        raise EdgekitError(f"runtime {runtime} cannot run a {res.kind} artifact", f"use {' or '.join(runs)}")
-    if threads is not None and threads < 1:
-        raise EdgekitError("--threads must be at least 1")
+        raise EdgekitError(f"runtime {runtime} cannot run {'an ONNX' if res.kind == 'onnx' else 'a ' + res.kind} "
+                           "artifact", f"use --runtime {' or '.join(runs)}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise EdgekitError(f"--threads {threads!r} is not between 1 and {MAX_THREADS}",
+                           "pass the device's core count, or leave --threads out (the runtime's default; run never "
+                           "uses more than the device's usable cores)")
+    _check_threshold(threshold, "--threshold")
     gated = is_gated(res.cfg)
     if threshold is not None and not gated:
         raise EdgekitError(f"--threshold applies to gated models (R1, calibrate-skip); {res.name} has no skip gates",
@@ -405,6 +431,36 @@ def _settings(res, runtime: str | None, threads: int | None, threshold) -> dict:
     if gated and threshold is None:
         threshold = res.cfg.default_threshold
     return {"runtime": runtime, "threads": threads, "threshold": threshold}
+
+
+MAX_THREADS = 1024  # a bundle's thread count: the device's cores are not known here; run bounds it by them
+
+
+def _check_threshold(threshold, where: str) -> None:
+    import math
+
+    values = threshold if isinstance(threshold, list) else [threshold]
+    if threshold is not None and not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                                         for v in values):
+        raise EdgekitError(f"{where} {threshold!r} is not a finite number", "pass a number, e.g. --threshold 0.5")
+
+
+def check_settings(where, settings: dict) -> dict:
+    """A bundle's runtime settings, as read at install and run (bundle.json may come from anywhere)."""
+    from runtimes import RUNTIMES
+
+    runtime, threads = settings.get("runtime"), settings.get("threads")
+    if runtime is not None and runtime not in RUNTIMES:
+        raise EdgekitError(f"{where}: {BUNDLE_JSON} names an unknown runtime {runtime!r}", TAMPERED)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise EdgekitError(f"{where}: {BUNDLE_JSON} threads {threads!r} is not between 1 and {MAX_THREADS}",
+                           TAMPERED)
+    try:
+        _check_threshold(settings.get("threshold"), f"{BUNDLE_JSON} threshold")
+    except EdgekitError as e:
+        raise EdgekitError(f"{where}: {e.message}", TAMPERED) from None
+    return settings
 
 
 def package(artifact_dir: str | Path, device: str, out_file: str | Path, sign_key: str | Path | None = None,
@@ -418,10 +474,12 @@ def package(artifact_dir: str | Path, device: str, out_file: str | Path, sign_ke
     if not art.is_dir() or not (art / MANIFEST).is_file():
         raise EdgekitError(f"{art} is not an artifact directory (no {MANIFEST})",
                            "pass a directory written by 'edgekit export' or 'edgekit quantize'")
+    if out.is_dir():
+        raise EdgekitError(f"{out} is a directory; --out names the bundle file to write"
+                           + (" (--force replaces only a file)" if force else ""),
+                           f"pass a file name, e.g. --out {out / 'model.tar.gz'}")
     if out.exists() and not force:
         raise EdgekitError(f"{out} already exists", "pass --force to replace it, or choose another --out")
-    if out.is_dir():
-        raise EdgekitError(f"{out} is a directory", "pass a file name, e.g. --out model.tar.gz")
     if art.resolve() in out.resolve().parents:
         raise EdgekitError(f"{out} is inside the artifact {art}", "write the bundle outside the artifact directory")
     res = resolve(art)  # reads manifest.json and checks every file's sha256
@@ -494,7 +552,9 @@ def _write_tar(out: Path, members: list[tuple[str, bytes | Path]], table: dict[s
     tmp = None
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=parent)
+        sweep_partials(out)
+        prefix, suffix = partial_name(out)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
         tmp = Path(name)
         with os.fdopen(fd, "wb") as raw:
             # filename="" and mtime=0: the gzip header carries neither the temp name nor the time
@@ -576,14 +636,19 @@ def _truncated(file: Path, e: Exception) -> EdgekitError:
 
 
 @contextlib.contextmanager
-def _open_bundle(file: Path) -> Iterator[tarfile.TarFile]:
-    """The bundle as a streaming tar; any sign of truncation or corruption is one EdgekitError."""
-    if not file.exists():
+def _open_bundle(file: Path, source: Path | None = None) -> Iterator[tarfile.TarFile]:
+    """The bundle as a streaming tar; any sign of truncation or corruption is one EdgekitError.
+    `source`: where the bytes are read (a private copy of `file`), `file` names the bundle in messages."""
+    if source is not None:
+        file, real = Path(file), Path(source)
+    else:
+        real = file
+    if not file.exists() and source is None:
         raise EdgekitError(f"{file} does not exist", "pass a bundle written by 'edgekit package'")
     if not file.is_file():
         raise EdgekitError(f"{file} is not a file", "pass the bundle (.tar.gz) written by 'edgekit package'")
     try:
-        gz = gzip.open(file, "rb")
+        gz = gzip.open(real, "rb")
     except OSError as e:
         raise EdgekitError(f"cannot read {file}: {e.strerror or e}") from None
     with gz:
@@ -611,11 +676,11 @@ def _hash_stream(f) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def _scan(file: Path) -> dict:
+def _scan(file: Path, source: Path | None = None) -> dict:
     """One pass over the archive: member checks, every member's sha256, the small JSON members' bytes."""
     hashes: dict[str, dict] = {}
     small: dict[str, bytes] = {}
-    with _open_bundle(file) as tf:
+    with _open_bundle(file, source) as tf:
         for m in tf:
             check_member(file, m)
             if m.name in hashes or m.name in small:
@@ -681,10 +746,10 @@ def _check_artifact_manifest(where: str, data: bytes | None, table: dict[str, di
     return len(items)
 
 
-def _verify(file: Path, public_key=None) -> tuple[dict, dict]:
+def _verify(file: Path, public_key=None, source: Path | None = None) -> tuple[dict, dict]:
     file = Path(file)
     pub = load_public_key(public_key) if public_key else None
-    scan = _scan(file)
+    scan = _scan(file, source)
     small = scan["small"]
     if BUNDLE_JSON not in small:
         raise EdgekitError(f"{file} has no {BUNDLE_JSON}: not an edgekit bundle",
@@ -720,8 +785,8 @@ def verify(file: str | Path, public_key: str | Path | None = None) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def _extract(file: Path, tmp: Path, listed: dict[str, dict]) -> None:
-    with _open_bundle(file) as tf:
+def _extract(file: Path, tmp: Path, listed: dict[str, dict], source: Path | None = None) -> None:
+    with _open_bundle(file, source) as tf:
         for m in tf:
             check_member(file, m)  # again: the file may have changed since it was verified
             if m.name not in listed and m.name not in META:
@@ -747,33 +812,76 @@ def _safe_to_replace(dest: Path) -> bool:
     return dest.is_dir() and not dest.is_symlink() and ((dest / BUNDLE_JSON).is_file() or not any(dest.iterdir()))
 
 
-def install(file: str | Path, dest: str | Path, public_key: str | Path | None = None, force: bool = False) -> dict:
-    """Verify a bundle, check this machine against its target, and extract it atomically into `dest`."""
+@contextlib.contextmanager
+def private_copy(file: Path, beside: Path) -> Iterator[Path]:
+    """A copy of the bundle that only this process can reach (a 0700 directory next to `beside`), read
+    from `file` once: what is verified is exactly what is extracted, whatever happens to `file` meanwhile."""
+    if not file.exists():
+        raise EdgekitError(f"{file} does not exist", "pass a bundle written by 'edgekit package'")
+    if not file.is_file():
+        raise EdgekitError(f"{file} is not a file", "pass the bundle (.tar.gz) written by 'edgekit package'")
+    parent = beside.parent if str(beside.parent) else Path(".")
+    prefix, suffix = partial_name(beside)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        td = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))  # 0700
+    except OSError as e:
+        raise os_error(e, beside, "--dest") from None
+    try:
+        copy = td / "bundle.tar.gz"
+        try:
+            src = open(file, "rb")
+        except OSError as e:
+            raise EdgekitError(f"cannot read {file}: {e.strerror or e}") from None
+        try:
+            with src, open(copy, "xb") as dst:
+                while block := src.read(CHUNK):
+                    dst.write(block)
+        except OSError as e:
+            raise os_error(e, beside, "--dest") from None
+        yield copy
+    finally:
+        import shutil
+
+        shutil.rmtree(td, ignore_errors=True)
+
+
+def install(file: str | Path, dest: str | Path, public_key: str | Path | None = None, force: bool = False,
+            allow_unsigned: bool = False) -> dict:
+    """Verify a bundle, check this machine against its target, and extract it atomically into `dest`.
+
+    The signature is checked against `public_key`; without one, install refuses unless `allow_unsigned`.
+    The bundle is read once into a private copy; that copy is verified and extracted.
+    """
     from edgekit.artifact import staging
 
     file, dest = Path(file), Path(dest)
+    require_key(file, public_key, allow_unsigned)
     if dest.exists() or dest.is_symlink():
         if not force:
             raise EdgekitError(f"{dest} already exists", "pass --force to replace it, or choose another --dest")
         if not _safe_to_replace(dest):
             raise EdgekitError(f"{dest} exists and is not an installed bundle; --force will not replace it",
                                "choose another --dest")
-    report, manifest = _verify(file, public_key)
-    compat, settings = manifest["compatibility"], manifest["settings"]
-    ok, bad = check_machine(compat, settings)
-    if bad and not force:
-        raise EdgekitError(f"this machine cannot run the bundle for {compat.get('device')}: {'; '.join(bad)}",
-                           "install it on a matching device, or pass --force to install anyway")
-    try:
-        with staging(dest, force=force) as tmp:
-            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; an installed bundle is readable like any directory
-            _extract(file, tmp, manifest["files"])
-            _compare(f"{file} (as extracted)", manifest["files"], _installed_hashes(tmp, manifest["files"]))
-            engine = _build_engine(tmp, manifest, force)
-    except OSError as e:  # disk full and the like while extracting; staging removes the temporary directory
-        raise os_error(e, dest) from None
+    pub = load_public_key(public_key) if public_key else None  # fail before copying anything
+    with private_copy(file, dest) as copy:
+        report, manifest = _verify(file, public_key, source=copy)
+        compat, settings = manifest["compatibility"], check_settings(file, manifest["settings"])
+        ok, bad = check_machine(compat, settings)
+        if bad and not force:
+            raise EdgekitError(f"this machine cannot run the bundle for {compat.get('device')}: {'; '.join(bad)}",
+                               "install it on a matching device, or pass --force to install anyway")
+        try:
+            with staging(dest, force=force, option="--dest") as tmp:
+                os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; an installed bundle is readable like any directory
+                _extract(file, tmp, manifest["files"], source=copy)
+                _compare(f"{file} (as extracted)", manifest["files"], _installed_hashes(tmp, manifest["files"]))
+                engine = _build_engine(tmp, manifest, force)
+        except OSError as e:  # disk full and the like while extracting; staging removes the temporary directory
+            raise os_error(e, dest, "--dest") from None
+    signature = report["signature"] if pub is not None else f"{report['signature'].split(' (')[0]} (--allow-unsigned)"
     return {"installed": str(dest), "model": manifest.get("model"), "device": compat.get("device"),
-            "signature": report["signature"], "files": report["files_checked"],
+            "signature": signature, "files": report["files_checked"],
             "machine": ok + [f"IGNORED (--force): {b}" for b in bad], "engine": engine,
             "settings": settings}
 
@@ -798,9 +906,11 @@ def _build_engine(directory: Path, manifest: dict, force: bool = False) -> str:
     return "built"
 
 
-def read_installed(directory: str | Path, public_key: str | Path | None = None) -> dict:
-    """The bundle manifest of an installed bundle, after checking its signature and every file's hash."""
+def read_installed(directory: str | Path, public_key: str | Path | None = None, allow_unsigned: bool = False) -> dict:
+    """The bundle manifest of an installed bundle, after checking its signature and every file's hash
+    (without a public key only with `allow_unsigned`) and its settings."""
     directory = Path(directory)
+    require_key(directory, public_key, allow_unsigned)
     path = directory / BUNDLE_JSON
     if not path.is_file():
         raise EdgekitError(f"{directory} is not an installed bundle (no {BUNDLE_JSON})",
@@ -815,29 +925,34 @@ def read_installed(directory: str | Path, public_key: str | Path | None = None) 
     manifest = _parse_manifest(directory, data)
     # files built on the device (an engine, a timing cache) may be added; listed ones must be intact
     _compare(str(directory), manifest["files"], _installed_hashes(directory, manifest["files"]), extra_ok=True)
+    check_settings(directory, manifest["settings"])
     return manifest
 
 
 def run(target: str | Path, prompt: str, max_new_tokens: int = 16, public_key: str | Path | None = None,
         threshold: float | None = None, runtime: str | None = None, threads: int | None = None,
-        temperature: float = 0.0, top_k: int = 0, seed: int = 0, force: bool = False, chat: bool = False) -> dict:
+        temperature: float = 0.0, top_k: int = 0, seed: int = 0, force: bool = False, chat: bool = False,
+        allow_unsigned: bool = False) -> dict:
     """Run an installed bundle, or verify and install a bundle file into a temporary directory and run it.
 
     The bundle's settings (runtime, threads, threshold) apply unless given here; chat=True answers `prompt`
     as a user message through the model's chat template (Hugging Face models that have one).
     """
     from edgekit.api import generate
+    from edgekit.device import check_threads, usable_cores
 
     target = Path(target)
+    check_threads(threads)
     if target.is_file():
+        require_key(target, public_key, allow_unsigned)
         with tempfile.TemporaryDirectory(prefix="edgekit-run-") as td:
             dest = Path(td) / "bundle"
-            install(target, dest, public_key=public_key, force=force)
+            install(target, dest, public_key=public_key, force=force, allow_unsigned=allow_unsigned)
             return {**run(dest, prompt, max_new_tokens, public_key, threshold, runtime, threads, temperature,
-                          top_k, seed, chat=chat), "bundle": str(target)}
+                          top_k, seed, chat=chat, allow_unsigned=allow_unsigned), "bundle": str(target)}
     if not target.is_dir():
         raise EdgekitError(f"{target} does not exist", "pass an installed bundle directory or a bundle file")
-    manifest = read_installed(target, public_key)
+    manifest = read_installed(target, public_key, allow_unsigned)
     tok = _read_tokenizer(target)
     # a Hugging Face tokenizer.json (tokenizers' format: a "model" section) for hf-* models, else edgekit's byte one
     known = FAMILIES.get(str(manifest.get("family", "")))
@@ -846,7 +961,8 @@ def run(target: str | Path, prompt: str, max_new_tokens: int = 16, public_key: s
         raise EdgekitError(f"{target}: tokenizer type {tok.get('type')!r} is not supported by this edgekit",
                            "upgrade edgekit on the device")
     s = manifest["settings"]
-    options = {"threads": threads or s.get("threads")}
+    # the bundle's thread count was chosen for its target device: never more than this machine's usable cores
+    options = {"threads": threads or (min(s["threads"], usable_cores()) if s.get("threads") else None)}
     result = generate(target, prompt, max_new_tokens=max_new_tokens,
                       threshold=threshold if threshold is not None else s.get("threshold"),
                       temperature=temperature, top_k=top_k, seed=seed, runtime=runtime or s.get("runtime"),

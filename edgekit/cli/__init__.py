@@ -21,8 +21,18 @@ for group in (models, generate, export, bundle, plan, profile, engine):  # the o
     group.register(app)
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM like Ctrl-C: every staging directory and temporary file is cleaned up
+
+
 def main() -> None:
+    import signal
+    import threading
+
     render.use_rich_progress()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         app()  # standalone: usage errors print click's message and exit 2
     except EdgekitError as e:
@@ -39,3 +49,6 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -8,7 +8,20 @@ from typing import Annotated
 import typer
 
 from edgekit.cli import render
-from edgekit.cli.options import BundleFile, Chat, Force, JsonOut, MaxNewTokens, Prompt, PublicKey, one_of
+from edgekit.cli.options import (
+    AllowUnsigned,
+    BundleFile,
+    Chat,
+    Force,
+    JsonOut,
+    MaxNewTokens,
+    Prompt,
+    PublicKey,
+    Threshold,
+    at_least,
+    number,
+    one_of,
+)
 
 
 def keygen_cmd(
@@ -31,8 +44,9 @@ def package_cmd(
     out: Annotated[Path, typer.Option("--out", help="Bundle file to write (.tar.gz, written atomically).")],
     sign_key: Annotated[Path | None, typer.Option("--sign-key", help="ed25519 private key (edgekit.key).")] = None,
     runtime: Annotated[str | None, typer.Option(help="Runtime on the device (default: by artifact).")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads on the device.")] = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", help="R1 skip threshold (all gates).")] = None,
+    threads: Annotated[int | None, typer.Option(callback=at_least(1, "--threads"), help="CPU threads on the device "
+                                                "(run uses at most the device's usable cores).")] = None,
+    threshold: Threshold = None,
     force: Force = False,
     as_json: JsonOut = False,
 ) -> None:
@@ -59,14 +73,15 @@ def install_cmd(
     file: BundleFile,
     dest: Annotated[Path, typer.Option("--dest", help="Directory to install into (created atomically).")],
     public_key: PublicKey = None,
+    allow_unsigned: AllowUnsigned = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an installed bundle at --dest and skip the "
                                                          "machine check.")] = False,
     as_json: JsonOut = False,
 ) -> None:
-    """Verify a bundle, check this machine against its target, and install it atomically."""
+    """Verify a bundle (signature: --public-key, or --allow-unsigned), check this machine, install it atomically."""
     from edgekit import package as bundles
 
-    r = bundles.install(file, dest, public_key=public_key, force=force)
+    r = bundles.install(file, dest, public_key=public_key, force=force, allow_unsigned=allow_unsigned)
     render.emit(r, as_json, lambda r: render.say(
         "\n".join([f"installed {r['model']} to {r['installed']} (signature: {r['signature']}; engine: "
                    f"{r['engine']})", *(f"  machine: {m}" for m in r["machine"])])))
@@ -78,7 +93,9 @@ def run_cmd(
     chat: Chat = None,
     max_new_tokens: MaxNewTokens = 16,
     public_key: PublicKey = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", help="Override the bundle's threshold.")] = None,
+    allow_unsigned: AllowUnsigned = False,
+    threshold: Annotated[float | None, typer.Option("--threshold", callback=number("--threshold"),
+                                                    help="Override the bundle's threshold.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Run a bundle file even if this machine does not "
                                                          "match its target.")] = False,
     as_json: JsonOut = False,
@@ -88,7 +105,7 @@ def run_cmd(
 
     one_of(prompt, chat, "run")
     r = bundles.run(target, prompt if chat is None else chat, max_new_tokens=max_new_tokens, public_key=public_key,
-                    threshold=threshold, force=force, chat=chat is not None)
+                    threshold=threshold, force=force, chat=chat is not None, allow_unsigned=allow_unsigned)
     render.emit(r, as_json, render.show_run)
 
 

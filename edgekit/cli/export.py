@@ -9,7 +9,7 @@ import typer
 
 from edgekit import api
 from edgekit.cli import render
-from edgekit.cli.options import FidelityData, Force, JsonOut, OutDir, Target
+from edgekit.cli.options import FidelityData, Force, JsonOut, OutDir, Target, at_least, number
 
 
 def export(
@@ -18,10 +18,12 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="onnx or tensorrt.")] = "onnx",
     int8: Annotated[bool, typer.Option("--int8", help="ONNX Runtime dynamic int8 (CPU/ARM targets).")] = False,
     device: Annotated[str | None, typer.Option(help="Target device profile (tensorrt).")] = None,
-    context: Annotated[int | None, typer.Option(help="Context length to plan for (tensorrt).")] = None,
+    context: Annotated[int | None, typer.Option(callback=at_least(1, "--context"),
+                                                help="Context length to plan for (tensorrt).")] = None,
     precision: Annotated[str | None, typer.Option(help="TensorRT precision (default fp16).")] = None,
-    min_cosine: Annotated[float | None, typer.Option("--min-cosine", help="Fail below this logit cosine (default "
-                                                     "0.99 for onnx int8; tensorrt: fp16 0.999, int4 0.95).")] = None,
+    min_cosine: Annotated[float | None, typer.Option("--min-cosine", callback=number("--min-cosine", 0, 1),
+                                                     help="Fail below this logit cosine, 0..1 (default 0.99 for onnx "
+                                                     "int8; tensorrt: fp16 0.999, int4 0.95).")] = None,
     fidelity_data: FidelityData = None,
     force: Force = False,
     as_json: JsonOut = False,
@@ -35,7 +37,8 @@ def export(
 def quantize(
     target: Target,
     out: OutDir,
-    min_cosine: Annotated[float, typer.Option("--min-cosine", help="Fail below this logit cosine.")] = 0.99,
+    min_cosine: Annotated[float, typer.Option("--min-cosine", callback=number("--min-cosine", 0, 1),
+                                              help="Fail below this logit cosine (0..1).")] = 0.99,
     fidelity_data: FidelityData = None,
     force: Force = False,
     as_json: JsonOut = False,
@@ -50,10 +53,13 @@ def calibrate_skip_cmd(
     data: Annotated[Path, typer.Option("--data", help="Calibration text (plain UTF-8), tokenized in chunks.")],
     out: OutDir,
     layers: Annotated[str | None, typer.Option(help="Layers to gate, comma-separated (default: all).")] = None,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration chunk.")] = 128,
-    max_ppl_increase: Annotated[float, typer.Option("--max-ppl-increase", help="Default threshold: the largest "
-                                                    "whose held-out perplexity rises at most this much.")] = 0.05,
-    threshold: Annotated[float | None, typer.Option("--threshold", help="Set the default threshold yourself.")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", callback=at_least(2, "--seq-len"),
+                                         help="Tokens per calibration chunk.")] = 128,
+    max_ppl_increase: Annotated[float, typer.Option("--max-ppl-increase", callback=number("--max-ppl-increase", 0),
+                                                    help="Default threshold: the largest whose held-out perplexity "
+                                                    "rises at most this much.")] = 0.05,
+    threshold: Annotated[float | None, typer.Option("--threshold", callback=number("--threshold"),
+                                                    help="Set the default threshold yourself.")] = None,
     force: Force = False,
     as_json: JsonOut = False,
 ) -> None:

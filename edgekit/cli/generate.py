@@ -8,7 +8,18 @@ import typer
 
 from edgekit import api
 from edgekit.cli import render
-from edgekit.cli.options import Chat, JsonOut, MaxNewTokens, Prompt, Target, Threshold, one_of
+from edgekit.cli.options import (
+    Chat,
+    JsonOut,
+    MaxNewTokens,
+    Prompt,
+    Seed,
+    Target,
+    Temperature,
+    Threshold,
+    TopK,
+    one_of,
+)
 
 
 def generate(
@@ -17,9 +28,9 @@ def generate(
     chat: Chat = None,
     max_new_tokens: MaxNewTokens = 16,
     threshold: Threshold = None,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens (0 = all).")] = 0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    seed: Seed = 0,
     runtime: Annotated[str | None, typer.Option(help="torch or onnxruntime (default: by artifact).")] = None,
     as_json: JsonOut = False,
 ) -> None:

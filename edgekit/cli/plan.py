@@ -44,7 +44,7 @@ def plan(
         render.emit(planner.select(device, task, context=context, batch=batch), as_json, render.show_select)
         return
     if task is not None:
-        raise EdgekitError("--task only applies with --select")
+        raise EdgekitError("--task only applies with --select", "add --select, or drop --task")
     if target is None:
         raise EdgekitError("plan needs a MODEL", "e.g. 'edgekit plan v3-13b --device a100-40gb', or --select --task T")
     render.emit(planner.plan(target, device, precision=precision, context=context, batch=batch), as_json,

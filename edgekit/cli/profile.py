@@ -23,6 +23,7 @@ from edgekit.cli.options import (
     TorchDevice,
     TorchDtype,
     Warmup,
+    at_least,
 )
 
 
@@ -39,14 +40,17 @@ def profile_cmd(
                                               "(0,0.5,0.9,2 or START:STOP:N).")] = None,
     workload: Annotated[str, typer.Option(help="single, or mixed: seeded requests of mixed lengths.")] = "single",
     batching: Annotated[str, typer.Option(help="mixed workload: fixed, dynamic or both.")] = "both",
-    requests: Annotated[int, typer.Option(min=1, help="mixed workload: number of requests.")] = 16,
-    token_budget: Annotated[int | None, typer.Option("--token-budget", help="dynamic batching: rows x (prompt + "
+    requests: Annotated[int, typer.Option(callback=at_least(1, "--requests"),
+                                          help="mixed workload: number of requests.")] = 16,
+    token_budget: Annotated[int | None, typer.Option("--token-budget", callback=at_least(1, "--token-budget"),
+                                                     help="dynamic batching: rows x (prompt + "
                                                      "new tokens) per batch (default: fixed's worst case).")] = None,
     dtype: TorchDtype = None,
     device: TorchDevice = None,
     provider: Provider = None,
     threads: Threads = None,
-    seed: Annotated[int, typer.Option(help="Seed of the prompts and the mixed workload.")] = 0,
+    seed: Annotated[int, typer.Option(callback=at_least(0, "--seed"),
+                                      help="Seed of the prompts and the mixed workload.")] = 0,
     energy: Annotated[bool, typer.Option(help="Measure energy where the device reports power.")] = True,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG (latency distribution, sweep, "
                                               "batching).")] = None,

@@ -7,7 +7,7 @@ Ctrl-C stops the measurement; the report then holds what was measured so far ("i
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -36,10 +36,14 @@ def parse_thresholds(text: str | None) -> list[float] | None:
             a, b, n = text.split(":")
             if int(n) < 2:
                 raise ValueError
-            return [round(float(x), 6) for x in np.linspace(float(a), float(b), int(n))]
-        return [float(x) for x in text.split(",") if x.strip()]
+            values = [round(float(x), 6) for x in np.linspace(float(a), float(b), int(n))]
+        else:
+            values = [float(x) for x in text.split(",") if x.strip()]
+        if not all(np.isfinite(values)):
+            raise ValueError
+        return values
     except ValueError:
-        raise EdgekitError(f"--sweep-threshold: cannot read '{text}'",
+        raise EdgekitError(f"--sweep-threshold: cannot read '{text}' as finite numbers",
                            "give comma-separated values (0,0.5,0.9,2) or START:STOP:N (0:1:5)") from None
 
 
@@ -48,13 +52,38 @@ def _check(prompt_len, new_tokens, batch, warmup, runs, requests, token_budget, 
                              ("--warmup", warmup, 0), ("--runs", runs, 1), ("--requests", requests, 1)):
         if value < low:
             raise EdgekitError(f"{name} must be at least {low}, got {value}",
-                               "decode latency needs at least 2 new tokens" if name == "--new-tokens" else None)
+                               "decode latency needs at least 2 new tokens" if name == "--new-tokens" else
+                               f"pass {name} {low} or more")
     if workload not in WORKLOADS:
         raise EdgekitError(f"unknown workload '{workload}'", f"use one of {', '.join(WORKLOADS)}")
     if batching not in BATCHING:
         raise EdgekitError(f"unknown batching '{batching}'", f"use one of {', '.join(BATCHING)}")
     if token_budget is not None and token_budget < 1:
-        raise EdgekitError(f"--token-budget must be positive, got {token_budget}")
+        raise EdgekitError(f"--token-budget must be positive, got {token_budget}", "pass --token-budget 1 or more")
+
+
+def estimate_bytes(cfg, batch: int, prompt_len: int, new_tokens: int) -> int:
+    """A lower bound of what one measured run holds (fp32): the KV cache at full length, and the prefill's
+    logits and hidden states. Enough to refuse a batch that cannot fit before any work starts."""
+    n_layers, heads = cfg.n_layers, getattr(cfg, "kv_heads", cfg.n_heads)
+    head_dim = cfg.head_dim
+    value_dim = getattr(cfg, "value_dim", head_dim)
+    length = prompt_len + new_tokens
+    kv = batch * length * n_layers * heads * (head_dim + value_dim)
+    prefill = batch * prompt_len * (cfg.vocab_size + 4 * cfg.d_model)
+    return 4 * (kv + prefill)
+
+
+def check_memory(cfg, batch: int, prompt_len: int, new_tokens: int, available: int | None = None) -> None:
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    need = estimate_bytes(cfg, batch, prompt_len, new_tokens)
+    if need > available:
+        raise EdgekitError(f"--batch {batch} x {prompt_len + new_tokens} tokens needs at least {need / 2**30:.1f} GiB "
+                           f"(KV cache and prefill logits), this machine has {available / 2**30:.1f} GiB available",
+                           "lower --batch, --prompt-len or --new-tokens")
 
 
 def open_profiled_runner(target, runtime: str | None, **options):
@@ -96,16 +125,21 @@ def profile(target: str | Path, runtime: str | None = None, *, prompt_len: int =
     from edgekit.progress import progress
 
     _check(prompt_len, new_tokens, batch, warmup, runs, requests, token_budget, workload, batching)
+    if seed < 0:
+        raise EdgekitError(f"--seed must be at least 0, got {seed}", "pass --seed 0 or more")
+    devices.check_threads(threads)
     sweep = parse_thresholds(sweep) if isinstance(sweep, str) else sweep
     runner, _, source = open_profiled_runner(target, runtime, dtype=dtype, device=device, provider=provider,
                                              threads=threads, iobinding=iobinding)
     res, cfg = runner.resolved, runner.cfg
     if not runner.spec.gated and (threshold is not None or sweep):
-        raise EdgekitError(f"--threshold/--sweep-threshold apply to R1 models; {cfg.name} is {cfg.family.upper()}")
+        raise EdgekitError(f"--threshold/--sweep-threshold apply to gated models (R1, calibrate-skip); {cfg.name} "
+                           "has no skip gates", "drop --threshold and --sweep-threshold")
     longest = max(mixed_requests(requests, prompt_len, seed)) if workload == "mixed" else prompt_len
     if longest + new_tokens > cfg.max_seq_len:
         raise EdgekitError(f"prompt ({longest}) + new tokens ({new_tokens}) exceed the context ({cfg.max_seq_len})",
                            "lower --prompt-len or --new-tokens")
+    check_memory(cfg, batch, longest, new_tokens)
     info = devices.identify()
     on_gpu = str(device or "").startswith("cuda") or (provider or "cpu") != "cpu"
     info["runs_on_gpu"] = on_gpu
@@ -199,14 +233,17 @@ def profile(target: str | Path, runtime: str | None = None, *, prompt_len: int =
 
 
 def write_json(data: dict, path: str | Path) -> Path:
-    from edgekit.artifact import os_error
+    from edgekit.artifact import dumps, os_error
 
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, default=str))
+        tmp.write_text(dumps(data, indent=1, default=str))
         tmp.replace(path)
     except OSError as e:
         raise os_error(e, path) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # on any error: no empty or half temporary file left beside the report
     return path

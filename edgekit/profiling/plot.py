@@ -58,5 +58,5 @@ def write_plot(report: dict, path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
     except OSError as e:
-        raise os_error(e, path) from None
+        raise os_error(e, path, "--plot") from None
     return path

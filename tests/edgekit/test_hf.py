@@ -242,11 +242,12 @@ def test_bundle_of_a_hf_export_carries_its_tokenizer_and_runs(hf_models, tmp_pat
     bundle = tmp_path / "qwen2.tar.gz"
     bundles.package(art, "cpu", bundle)
     dest = tmp_path / "installed"
-    bundles.install(bundle, dest)
+    bundles.install(bundle, dest, allow_unsigned=True)
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in dest.iterdir()}
-    got = bundles.run(dest, "the edge model runs", max_new_tokens=6)
+    got = bundles.run(dest, "the edge model runs", max_new_tokens=6, allow_unsigned=True)
     assert got["tokens"] == api.generate(art, "the edge model runs", max_new_tokens=6)["tokens"]
-    chat = bundles.run(bundle, "the edge model", max_new_tokens=2, chat=True)  # the bundle file: verify, install, run
+    # the bundle file: verify, install, run
+    chat = bundles.run(bundle, "the edge model", max_new_tokens=2, chat=True, allow_unsigned=True)
     assert chat["chat_prompt"].startswith("<s>user")
     assert chat["tokens"] == api.generate(art, "the edge model", max_new_tokens=2, chat=True)["tokens"]
     # an HF export without its tokenizer is refused, not bundled with edgekit's byte tokenizer

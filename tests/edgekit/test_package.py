@@ -375,7 +375,8 @@ def test_bad_bundle_is_refused(case, cli, tmp_path, bundle, keys, other_keys):
         ([] if case in KEY_ONLY else [()])
     for key in key_sets:
         for args in (("verify", bad), ("install", bad, "--dest", dest), ("run", bad, "--prompt", "x")):
-            code, out, err = cli(*args, *key)
+            unsigned = ("--allow-unsigned",) if not key and args[0] != "verify" else ()
+            code, out, err = cli(*args, *key, *unsigned)
             one_line_error(code, err, *fragments)
             assert not dest.exists()
             assert snapshot(tmp_path) == before
@@ -397,16 +398,16 @@ def test_existing_dest_is_refused_and_left_unchanged(cli, tmp_path, bundle, keys
     dest.mkdir()
     (dest / "keep.txt").write_text("mine")
     before = snapshot(tmp_path)
-    code, out, err = cli("install", bundle, "--dest", dest)
+    code, out, err = cli("install", bundle, "--dest", dest, "--allow-unsigned")
     one_line_error(code, err, "already exists", "--force")
     # --force replaces only an installed bundle or an empty directory, never arbitrary data
-    code, out, err = cli("install", bundle, "--dest", dest, "--force")
+    code, out, err = cli("install", bundle, "--dest", dest, "--force", "--allow-unsigned")
     one_line_error(code, err, "is not an installed bundle")
     assert snapshot(tmp_path) == before
     # an installed bundle can be replaced with --force
     shutil.rmtree(dest)
-    assert cli("install", bundle, "--dest", dest)[0] == 0
-    code, out, err = cli("install", bundle, "--dest", dest, "--force")
+    assert cli("install", bundle, "--dest", dest, "--public-key", keys["public_key"])[0] == 0
+    code, out, err = cli("install", bundle, "--dest", dest, "--force", "--public-key", keys["public_key"])
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
 
@@ -429,14 +430,15 @@ def test_disk_full_during_install_leaves_nothing(tmp_path, bundle):
 
     def install(*extra):
         return subprocess.run([sys.executable, "-c", _FULL_DISK, str(model_size // 2), "install", str(bundle),
-                               "--dest", str(dest), *extra], capture_output=True, text=True, env=env, timeout=120)
+                               "--dest", str(dest), "--allow-unsigned", *extra], capture_output=True, text=True,
+                              env=env, timeout=120)
 
     before = snapshot(tmp_path)
     p = install()
     one_line_error(p.returncode, p.stderr, "no space left", str(dest))
     assert snapshot(tmp_path) == before
     # replacing an installed bundle: the old one stays whole
-    bundles.install(bundle, dest)
+    bundles.install(bundle, dest, allow_unsigned=True)
     before = snapshot(tmp_path)
     p = install("--force")
     one_line_error(p.returncode, p.stderr, "no space left")
@@ -455,7 +457,7 @@ def test_disk_full_in_process(tmp_path, bundle, monkeypatch):
     monkeypatch.setattr(tarfile, "copyfileobj", full)
     before = snapshot(tmp_path)
     with pytest.raises(EdgekitError, match="no space left"):
-        bundles.install(bundle, tmp_path / "dest")
+        bundles.install(bundle, tmp_path / "dest", allow_unsigned=True)
     assert snapshot(tmp_path) == before
 
 
@@ -465,13 +467,13 @@ def test_bundle_for_a_jetson_is_refused_here(cli, tmp_path, artifact):
     bundles.package(artifact, JETSON, b)
     dest = tmp_path / "dest"
     before = snapshot(tmp_path)
-    code, out, err = cli("install", b, "--dest", dest)
+    code, out, err = cli("install", b, "--dest", dest, "--allow-unsigned")
     one_line_error(code, err, f"cannot run the bundle for {JETSON}", "not a Jetson", "--force")
-    code, out, err = cli("run", b, "--prompt", "x")
+    code, out, err = cli("run", b, "--prompt", "x", "--allow-unsigned")
     one_line_error(code, err, "not a Jetson")
     assert snapshot(tmp_path) == before
     # --force installs anyway and says what it ignored
-    code, out, err = cli("install", b, "--dest", dest, "--force")
+    code, out, err = cli("install", b, "--dest", dest, "--force", "--allow-unsigned")
     assert code == 0, err
     assert "IGNORED (--force): not a Jetson" in out
 
@@ -523,7 +525,7 @@ def test_check_machine_on_a_jetson():
 def test_not_enough_memory_is_refused(cli, tmp_path, bundle, monkeypatch):
     monkeypatch.setattr(bundles, "host_facts", lambda **kw: {"arch": "x86_64", "memory_bytes": 1 << 18,
                                                              "jetson": False})
-    code, out, err = cli("install", bundle, "--dest", tmp_path / "dest")
+    code, out, err = cli("install", bundle, "--dest", tmp_path / "dest", "--allow-unsigned")
     one_line_error(code, err, "memory 0.2 MiB (needs 0.5 MiB)")
     assert not (tmp_path / "dest").exists()
 
@@ -557,10 +559,10 @@ def test_tampered_installed_bundle_does_not_run(cli, tmp_path, bundle, keys):
     bundles.install(bundle, dest, public_key=keys["public_key"])
     model = dest / "model.safetensors"
     model.write_bytes(flip(model.read_bytes()))
-    code, out, err = cli("run", dest, "--prompt", "x")
+    code, out, err = cli("run", dest, "--prompt", "x", "--public-key", keys["public_key"])
     one_line_error(code, err, "'model.safetensors' does not match its sha256")
     shutil.copy(bundle, tmp_path / "b.tar.gz")
-    bundles.install(bundle, dest, force=True)
+    bundles.install(bundle, dest, force=True, public_key=keys["public_key"])
     (dest / "bundle.json").write_text((dest / "bundle.json").read_text().replace('"cpu"', '"cpu2"'))
     code, out, err = cli("run", dest, "--prompt", "x", "--public-key", keys["public_key"])
     one_line_error(code, err, "signature does not match bundle.json")
@@ -588,7 +590,7 @@ def test_packaging_mistakes(cli, tmp_path, artifact, keys, bundle):
     code, _, err = cli("package", artifact, "--device", "cpu", "--out", out, "--runtime", "onnxruntim")
     one_line_error(code, err, "unknown runtime 'onnxruntim'", "did you mean 'onnxruntime'")
     code, _, err = cli("package", artifact, "--device", "cpu", "--out", out, "--runtime", "onnxruntime")
-    one_line_error(code, err, "cannot run a checkpoint artifact", "use torch")
+    one_line_error(code, err, "cannot run a checkpoint artifact", "use --runtime torch")
     code, _, err = cli("package", artifact, "--device", "cpu", "--out", out, "--sign-key", keys["public_key"])
     one_line_error(code, err, "not an unencrypted PEM private key", "--public-key")
     code, _, err = cli("package", artifact, "--device", "cpu", "--out", artifact / "inside.tar.gz")
@@ -607,3 +609,97 @@ def test_packaging_mistakes(cli, tmp_path, artifact, keys, bundle):
     code, _, err = cli("package", linked, "--device", "cpu", "--out", out)
     one_line_error(code, err, "secret is a symbolic link")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 16: the install race, verification by default, bounded threads and checked settings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_install_extracts_the_bytes_it_verified(tmp_path, artifact, bundle, keys, monkeypatch):
+    """A bundle swapped after it was verified (a shared download dir, a USB stick) is not what gets installed:
+    install verifies and extracts one private copy, read once."""
+    evil = tmp_path / "evil.tar.gz"
+    bundles.package(artifact, "cpu", evil, threshold=0.01, threads=1)  # the attacker's settings, unsigned
+    target = tmp_path / "incoming.tar.gz"
+    shutil.copy(bundle, target)
+    real = bundles._verify
+
+    def verify_then_swap(*args, **kwargs):
+        result = real(*args, **kwargs)
+        shutil.copy(evil, target)  # between the check and the extraction
+        return result
+
+    monkeypatch.setattr(bundles, "_verify", verify_then_swap)
+    r = bundles.install(target, tmp_path / "dest", public_key=keys["public_key"])
+    assert r["signature"].startswith("valid")
+    installed = json.loads((tmp_path / "dest" / "bundle.json").read_text())
+    assert installed["settings"]["threshold"] == THRESHOLD and installed["settings"]["threads"] is None
+    assert (tmp_path / "dest" / "bundle.json").read_bytes() == members_of(bundle)[0][1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "evil.tar.gz", "incoming.tar.gz"]
+
+
+def test_unverified_install_and_run_need_allow_unsigned(cli, tmp_path, bundle):
+    """An edited bundle.json under a stale signature used to install and run as 'present, not checked'."""
+    stale = tmp_path / "stale.tar.gz"
+    edited = [(m, data.replace(b'"threads": null', b'"threads": 1') if m.name == "bundle.json" else data)
+              for m, data in members_of(bundle)]
+    assert edited[0][1] != members_of(bundle)[0][1]
+    write_members(stale, edited)
+    dest = tmp_path / "dest"
+    for args in (("install", stale, "--dest", dest), ("run", stale, "--prompt", "x")):
+        code, _, err = cli(*args)
+        one_line_error(code, err, "no --public-key", "--allow-unsigned")
+    assert not dest.exists()
+    code, out, err = cli("install", stale, "--dest", dest, "--allow-unsigned")
+    assert code == 0, err
+    assert "(--allow-unsigned)" in out
+    code, _, err = cli("run", dest, "--prompt", "x")
+    one_line_error(code, err, "no --public-key", "--allow-unsigned")
+
+
+def test_threads_are_bounded_when_packaging_and_running(cli, tmp_path, artifact, monkeypatch):
+    from edgekit import device
+
+    code, _, err = cli("package", artifact, "--device", "cpu", "--out", tmp_path / "b.tar.gz", "--threads", "100000")
+    one_line_error(code, err, "--threads 100000 is not between 1 and")
+    # a bundle made for a bigger device: run uses at most this machine's usable cores
+    b = tmp_path / "b.tar.gz"
+    bundles.package(artifact, "cpu", b, threads=8)
+    seen = {}
+    monkeypatch.setattr(device, "usable_cores", lambda: 2)
+    monkeypatch.setattr(api, "generate", lambda *a, **k: seen.update(k) or {"tokens": []})
+    bundles.run(b, "x", allow_unsigned=True)
+    assert seen["threads"] == 2
+    with pytest.raises(EdgekitError, match="usable CPU cores"):
+        bundles.run(b, "x", allow_unsigned=True, threads=3)
+
+
+@pytest.mark.parametrize("settings, fragment", [({"threads": 100000}, "threads 100000"),
+                                                ({"threshold": float("nan")}, "threshold"),
+                                                ({"runtime": "sh"}, "unknown runtime")])
+def test_bundle_settings_are_checked_at_install(cli, tmp_path, bundle, settings, fragment):
+    members = members_of(bundle)
+    manifest = json.loads(members[0][1])
+    manifest["settings"].update(settings)
+    bad = tmp_path / "bad.tar.gz"
+    write_members(bad, [(members[0][0], json.dumps(manifest).encode())] +
+                  [(m, d) for m, d in members[1:] if m.name != "bundle.sig"])
+    code, _, err = cli("install", bad, "--dest", tmp_path / "dest", "--allow-unsigned")
+    one_line_error(code, err, fragment)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_package_messages(cli, tmp_path, artifact):
+    code, _, err = cli("package", artifact, "--device", "raspberry", "--out", tmp_path / "b.tar.gz")
+    one_line_error(code, err, "unknown device 'raspberry'", "cpu")
+    (tmp_path / "d").mkdir()
+    code, _, err = cli("package", artifact, "--device", "cpu", "--out", tmp_path / "d", "--force")
+    one_line_error(code, err, "is a directory; --out names the bundle file")
+    int8 = tmp_path / "int8"
+    shutil.copytree(artifact, int8)
+    m = json.loads((int8 / "manifest.json").read_text())
+    (int8 / "manifest.json").write_text(json.dumps({**m, "precision": "int8"}))
+    code, _, err = cli("package", int8, "--device", "jetson-nano", "--out", tmp_path / "b.tar.gz")
+    one_line_error(code, err, "which jetson-nano does not run", "choose another --device")
+    assert "--precision" not in err
