@@ -181,9 +181,9 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
         else:
             _write_common(tmp, res.cfg)
         if fmt == "tensorrt":
-            import exporters.tensorrt as trt_exporter
+            from edgekit import engine
 
-            fields = trt_exporter.export(model, tmp, device=device, context=context,
+            fields = engine.export(model, tmp, device=device, context=context,
                                          precision=precision or ("int8" if int8 else "fp16"),
                                          min_cosine=min_cosine)
         else:

@@ -1,9 +1,11 @@
-"""`edgekit build-engine`: build a TensorRT artifact's engine on this machine and check it before it is kept.
+"""TensorRT workflows (layer 5): `edgekit export --format tensorrt` (the exporter writes graph + recipe; here it
+is validated in ONNX Runtime and, where this machine is the target, the engine is built and validated) and
+`edgekit build-engine`: build a TensorRT artifact's engine on this machine and check it before it is kept.
 
 A workflow (layer 5): it reads the artifact (edgekit.artifact), checks the recipe against this machine's
 TensorRT and GPU (edgekit.versions.compatible: the rule `edgekit install` uses too), builds with
 runtimes.tensorrt_build, and validates the engine against the artifact's ONNX graph in ONNX Runtime
-(exporters.onnx.validate) before renaming it into place.
+(edgekit.validate) before renaming it into place.
 """
 
 from __future__ import annotations
@@ -16,6 +18,58 @@ from edgekit.errors import EdgekitError
 from edgekit.versions import compatible
 from runtimes.tensorrt import ENGINE_JSON, tensorrt_environment
 from runtimes.tensorrt_build import build_from_recipe, read_recipe, tempfile_dir
+
+
+def export(model, tmp_dir: Path, device: str, context: int | None = None, precision: str = "fp16",
+           progress=None, min_cosine: float | None = None) -> dict:
+    """exporters.tensorrt.export, then: the graph vs PyTorch with the weights it stores (does it compute what it
+    stores? cosine >= GRAPH_COSINE), vs fp32 PyTorch (what did the precision cost? the floor), and on a machine
+    that is the target, the engine built and validated. Returns the manifest fields."""
+    from edgekit.validate import against_torch
+    from exporters import tensorrt as trt_exporter
+
+    def step(description: str):
+        if progress:
+            progress(1, description=description)
+
+    prepared = trt_exporter.export(model, tmp_dir, device, context, precision, progress, min_cosine)
+    fields, recipe, stored, floor = (prepared[k] for k in ("fields", "recipe", "stored", "floor"))
+    step("validating the graph in ONNX Runtime (CPU)")
+    session = trt_exporter.CpuSession(Path(tmp_dir) / trt_exporter.MODEL_FILE)
+    validation = {}
+    if stored is not model:  # first: does the graph compute what it stores?
+        validation["vs_stored_weights"] = against_torch(stored, session, trt_exporter.GRAPH_COSINE)
+    try:  # then: how much did storing it at this precision cost?
+        validation["vs_fp32"] = against_torch(model, session, floor)
+    except EdgekitError as e:
+        exact = validation.get("vs_stored_weights", {}).get("logit_cosine_mean")
+        raise EdgekitError(f"{precision} fidelity: {e.message}" + (
+            f" (the graph itself matches PyTorch with the stored weights: cosine {exact:.6f}; the loss is "
+            f"{precision}'s)" if exact else ""), "lower --min-cosine only if you accept the loss") from None
+    fields["validation"] = {"onnxruntime_cpu": validation}
+    why_not = trt_exporter.engine_not_buildable_here(recipe)
+    if why_not is None:
+        step("building the TensorRT engine")
+        engine = build_from_recipe(Path(tmp_dir), recipe)
+        step("validating the engine against PyTorch")
+        engine["validation"] = _validate_engine_vs_torch(stored, Path(tmp_dir), model.cfg)
+        fields["engine"] = engine
+    else:
+        from exporters.trt_recipe import not_built
+
+        fields["engine"] = not_built(recipe, why_not)
+    return fields
+
+
+def _validate_engine_vs_torch(model, directory: Path, cfg) -> dict:
+    """Engine outputs vs PyTorch running the weights the graph stores, on the seeded cases, at fp16 tolerance."""
+    from edgekit.resolve import Resolved
+    from edgekit.validate import against_torch
+    from exporters.tensorrt import GRAPH_COSINE
+    from runtimes.tensorrt import TensorRTRunner
+
+    with TensorRTRunner(Resolved("engine", cfg.name, cfg, Path(directory), {})) as runner:
+        return against_torch(model, runner, GRAPH_COSINE)
 
 
 def build_engine(target: str | Path, recipe: str | Path | None = None, force: bool = False, log=None) -> dict:
@@ -74,7 +128,7 @@ def _validate_engine_vs_onnx(work: Path, artifact: Path, recipe: dict) -> dict:
     from edgekit.config import read_config
     from edgekit.resolve import Resolved
     from edgekit.spec import DecoderSpec
-    from exporters.onnx import validate
+    from edgekit.validate import validate
     from exporters.tensorrt import GRAPH_COSINE, CpuSession
     from runtimes.tensorrt import TensorRTRunner
 

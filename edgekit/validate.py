@@ -144,6 +144,32 @@ def validate(reference, candidate, spec: DecoderSpec, tolerance: float | None = 
     return judge(results, tolerance=tolerance, min_cosine=min_cosine)
 
 
+def against_torch(model, candidate, min_cosine: float, advance=None) -> dict:
+    """A graph or engine (`candidate`, anything with infer) vs the PyTorch `model` on the seeded cases: the
+    logit-cosine gate, and for a gated model the skip pattern must match exactly where it is unambiguous (all
+    gates open, all closed); other settings may flip near a threshold at reduced precision. A short report."""
+    from edgekit.resolve import Resolved
+    from runtimes.torch import TorchRunner
+
+    spec = DecoderSpec(model.cfg)
+    with TorchRunner(Resolved("preset", model.cfg.name, model.cfg, model=model), dtype="fp32", device="cpu") as ref:
+        results = run(ref, candidate, spec, fidelity=True, advance=advance or (lambda *a, **k: None))
+        if spec.gated:
+            for i, case in enumerate(cases(spec)):
+                if case["label"] not in ("run-all", "skip-all-gated"):
+                    continue
+                feeds = spec.dummy(*case["shape"], seed=100 + i, thresholds=case["thresholds"])
+                want, got = ref.infer(feeds)["executed"], candidate.infer(feeds)["executed"]
+                if not np.array_equal(want.astype(bool), got.astype(bool)):
+                    raise EdgekitError(f"validation: skip pattern {got.astype(int).tolist()} != PyTorch "
+                                       f"{want.astype(int).tolist()} at {case['label']} {case['shape']}",
+                                       "the exported conditionals are wrong")
+    report = judge(results, min_cosine=min_cosine)
+    keep = ("logit_cosine_mean", "logit_cosine_min", "argmax_agreement", "max_abs_diff", "distinct_skip_patterns",
+            "min_cosine", "passed")
+    return {k: report[k] for k in keep if k in report} | {"cases": len(report["cases"])}
+
+
 def save(results: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(results, indent=1, allow_nan=False))
 

@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import EdgekitError
+from edgekit.families import family
 from edgekit.versions import compatible
 from exporters.trt_ops import check_conditionals, check_ops, data_version, describe_issues, op_support
-from exporters.trt_recipe import MODEL_FILE, check_precision, make_recipe, not_built
+from exporters.trt_recipe import MODEL_FILE, check_precision, make_recipe
 from exporters.trt_transforms import (
     FP16_MAX,
     MIN_WEIGHT_ELEMENTS,
@@ -42,7 +43,7 @@ from exporters.trt_transforms import (
     stored_bytes,
 )
 from runtimes.tensorrt import tensorrt_available, tensorrt_environment
-from runtimes.tensorrt_build import RECIPE_FILE, build_from_recipe
+from runtimes.tensorrt_build import RECIPE_FILE
 
 GRAPH_COSINE = 0.999  # the stored-weights graph vs PyTorch with the same stored weights; also the engine's gate
 
@@ -71,49 +72,6 @@ class CpuSession:
         return dict(zip(self.names, self.session.run(self.names, feeds)))
 
 
-def _torch_reference(model):
-    from edgekit.resolve import Resolved
-    from runtimes.torch import TorchRunner
-
-    return TorchRunner(Resolved("preset", model.cfg.name, model.cfg, model=model), dtype="fp32", device="cpu")
-
-
-def validate_against_torch(model, candidate, min_cosine: float, advance=None) -> dict:
-    """Seeded cases (exporters.onnx.validation_cases); the logit-cosine gate; for R1 the skip pattern must match
-    exactly where it is unambiguous (all gates open, all closed)."""
-    from edgekit.spec import DecoderSpec
-    from exporters.onnx import validate, validation_cases
-
-    spec = DecoderSpec(model.cfg)
-    with _torch_reference(model) as ref:
-        report = validate(ref, candidate, spec, tolerance=None, min_cosine=min_cosine,
-                          advance=advance or (lambda *a, **k: None))
-        if spec.gated:
-            for i, case in enumerate(validation_cases(spec)):
-                if case["label"] not in ("run-all", "skip-all-gated"):
-                    continue
-                feeds = spec.dummy(*case["shape"], seed=100 + i, thresholds=case["thresholds"])
-                want, got = ref.infer(feeds)["executed"], candidate.infer(feeds)["executed"]
-                if not np.array_equal(want.astype(bool), got.astype(bool)):
-                    raise EdgekitError(f"validation: skip pattern {got.astype(int).tolist()} != PyTorch "
-                                       f"{want.astype(int).tolist()} at {case['label']} {case['shape']}",
-                                       "the exported conditionals are wrong")
-    keep = ("logit_cosine_mean", "logit_cosine_min", "argmax_agreement", "max_abs_diff", "distinct_skip_patterns",
-            "min_cosine", "passed")
-    return {k: report[k] for k in keep if k in report} | {"cases": len(report["cases"])}
-
-
-def validate_engine(model, directory: Path, cfg, min_cosine: float = GRAPH_COSINE) -> dict:
-    """Engine outputs vs PyTorch running the weights the graph stores, on the seeded cases, at fp16 tolerance
-    (logit cosine >= 0.999; the skip pattern must match where it is unambiguous)."""
-    from edgekit.resolve import Resolved
-    from runtimes.tensorrt import TensorRTRunner
-
-    runner = TensorRTRunner(Resolved("engine", cfg.name, cfg, Path(directory), {}))
-    with runner:
-        return validate_against_torch(model, runner, min_cosine)
-
-
 # ---------------------------------------------------------------------------------------------
 # export (called by edgekit.api.export for --format tensorrt)
 # ---------------------------------------------------------------------------------------------
@@ -125,8 +83,10 @@ def _load_model_proto(path: Path):
 
 def export(model, tmp_dir: Path, device: str, context: int | None = None, precision: str = "fp16",
            progress=None, min_cosine: float | None = None) -> dict:
-    """Write the TensorRT-ready artifact content (model.onnx + data, trt_recipe.json, and where possible the
-    engine) into `tmp_dir`; return the manifest fields. The caller writes config.json, tokenizer and manifest.
+    """Write the TensorRT-ready graph (model.onnx + data) and trt_recipe.json into `tmp_dir`. Returns
+    {fields: manifest fields, recipe, stored: the model holding exactly the weights the graph stores, floor: the
+    fidelity floor}; validating the graph and building the engine are the workflow's (edgekit.engine.export),
+    since validation sits above the exporters. The caller writes config.json, tokenizer and manifest.
 
     min_cosine: the fidelity floor against fp32 PyTorch (mean logit cosine over the seeded cases); default the
     precision's (fp16 0.999, int4 0.95). The graph-correctness check (vs PyTorch with the stored weights) is fixed."""
@@ -170,7 +130,7 @@ def export(model, tmp_dir: Path, device: str, context: int | None = None, precis
         graph = downgrade_to_opset17(graph)
     drop_unused_initializers(graph)
     opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
-    topk_bound = math.ceil(context / cfg.block_size) if cfg.family == "r1" else None
+    topk_bound = math.ceil(context / cfg.block_size) if family(cfg).routed else None
     checks = {v: check_ops(graph, v, topk_bound) for v in dict.fromkeys(stacks)}
     ok = [v for v, r in checks.items() if r["ok"]]
     refused = {v: describe_issues(r) for v, r in checks.items() if not r["ok"]}
@@ -183,20 +143,6 @@ def export(model, tmp_dir: Path, device: str, context: int | None = None, precis
     recipe = make_recipe(cfg, profile, precision, context, weight_bytes, opset, ok, refused)
     (tmp_dir / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
 
-    step("validating the graph in ONNX Runtime (CPU)")
-    session = CpuSession(tmp_dir / MODEL_FILE)
-    stored = stored_weights_model(model, transform)
-    floor = policy["min_cosine"] if min_cosine is None else float(min_cosine)
-    validation = {}
-    if stored is not model:  # first: does the graph compute what it stores?
-        validation["vs_stored_weights"] = validate_against_torch(stored, session, GRAPH_COSINE)
-    try:  # then: how much did storing it at this precision cost?
-        validation["vs_fp32"] = validate_against_torch(model, session, floor)
-    except EdgekitError as e:
-        exact = validation.get("vs_stored_weights", {}).get("logit_cosine_mean")
-        raise EdgekitError(f"{precision} fidelity: {e.message}" + (
-            f" (the graph itself matches PyTorch with the stored weights: cosine {exact:.6f}; the loss is "
-            f"{precision}'s)" if exact else ""), "lower --min-cosine only if you accept the loss") from None
     fields = {
         "format": "tensorrt", "precision": precision, "device": profile.name, "model_file": MODEL_FILE,
         "recipe": RECIPE_FILE, "context": context, "opset": opset,
@@ -206,24 +152,22 @@ def export(model, tmp_dir: Path, device: str, context: int | None = None, precis
         "op_check": {v: {"ok": r["ok"], "table": r["table"], "issues": r["issues"][:50], "notes": r["notes"]}
                      for v, r in checks.items()},
         "conditionals": conditionals,
-        "validation": {"onnxruntime_cpu": validation},
         "tensorrt": {"sm": profile.sm, "versions": ok, "refused": refused},
     }
+    floor = policy["min_cosine"] if min_cosine is None else float(min_cosine)
+    return {"fields": fields, "recipe": recipe, "stored": stored_weights_model(model, transform), "floor": floor}
+
+
+def engine_not_buildable_here(recipe: dict) -> str | None:
+    """Why this machine cannot build the recipe's engine (no TensorRT/GPU, or another TensorRT/SM), or None."""
     why_not = tensorrt_available()
     if why_not is None:
         _trt, here_version, here_sm = tensorrt_environment()
-        if not compatible(here_version, ok) or here_sm != profile.sm:
+        ok, sm = recipe["tensorrt"]["versions"], recipe["sm"]
+        if not compatible(here_version, ok) or here_sm != sm:
             why_not = (f"this machine (TensorRT {here_version}, sm {here_sm}) is not the target "
-                       f"(TensorRT {', '.join(ok)}, sm {profile.sm})")
-    if why_not is None:
-        step("building the TensorRT engine")
-        engine = build_from_recipe(tmp_dir, recipe)
-        step("validating the engine against PyTorch")
-        engine["validation"] = validate_engine(stored, tmp_dir, cfg)
-        fields["engine"] = engine
-    else:
-        fields["engine"] = not_built(recipe, why_not)
-    return fields
+                       f"(TensorRT {', '.join(ok)}, sm {sm})")
+    return why_not
 
 
 def stored_weights_model(model, transform: dict):

@@ -173,17 +173,16 @@ def compare(a: str, b: str | None = None, runtime: str | None = None, int8: bool
 
 
 def compare_outputs(target: str, runtimes: list[str], settings: dict) -> dict:
-    """Both runtimes on the same seeded inputs (exporters.onnx.validate's cases), report only."""
-    from exporters.onnx import validate, validation_cases
+    """Both runtimes on the same seeded inputs (edgekit.validate's cases), results only: nothing is judged."""
+    from edgekit.validate import cases, run
 
     keys = ("dtype", "device", "provider", "threads", "iobinding")
     options = {k: settings.get(k) for k in keys}
     first, _, _ = open_profiled_runner(target, runtimes[0], **options)
     second, _, _ = open_profiled_runner(target, runtimes[1], **options)
     with first, second:
-        # min_cosine=-1: report every difference (skip patterns included), never fail: this is a comparison
-        rep = validate(first, second, first.spec, tolerance=None, min_cosine=-1.0)
-    return {"reference": runtimes[0], "candidate": runtimes[1], "cases": len(validation_cases(first.spec)),
+        rep = run(first, second, first.spec, fidelity=True)  # each decodes on its own prefill's cache
+    return {"reference": runtimes[0], "candidate": runtimes[1], "cases": len(cases(first.spec)),
             "max_abs_diff": rep["max_abs_diff"], "logits_max_abs_diff": max(c["logits_max_abs_diff"]
                                                                             for c in rep["cases"]),
             "argmax_agreement": rep["argmax_agreement"], "logit_cosine_mean": rep["logit_cosine_mean"],
