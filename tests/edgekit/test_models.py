@@ -214,4 +214,4 @@ def test_cli_unknown_model_names_nearest_match(cli):
     assert err.count("\n") == 1 and "unknown model 'r1-tiyn'" in err and "did you mean 'r1-tiny'" in err
     assert "Traceback" not in err
     code, _, err = cli("generate", "v3-tiny", "--prompt", "x", "--threshold", "0.3")
-    assert code == 1 and "applies to R1" in err
+    assert code == 1 and "applies to gated models" in err
