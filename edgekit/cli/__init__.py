@@ -21,6 +21,20 @@ for group in (models, generate, export, bundle, plan, profile, fleet, engine):  
     group.register(app)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from edgekit import __version__
+
+        print(f"edgekit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print edgekit's version and exit.")) -> None:
+    """Quantize, export, validate, profile and package the V3 and R1 model families."""
+
+
 def _terminated(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM like Ctrl-C: every staging directory and temporary file is cleaned up
 
