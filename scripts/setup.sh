@@ -17,4 +17,4 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "setup: no torch found, installing the CPU build (torch==2.13.0)"
   .venv/bin/pip install -q "torch==2.13.0"
 fi
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -e ".[export,dev]"  # everything; a device needs only `pip install .`
