@@ -173,7 +173,9 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
     if getattr(model, "quantized", False):
         raise EdgekitError(f"{target} is a torch-int8 checkpoint", "export the fp32 model; --int8 quantizes the graph")
     out = Path(out)
-    with staging(out, force) as tmp:
+    from edgekit.quiet import LOG_DIR, captured  # third-party warnings/logs -> logs/export.log
+
+    with staging(out, force) as tmp, captured(tmp / LOG_DIR / "export.log", "export") as log:
         if res.kind == "hf":
             from edgekit.hfconfig import write_side_files
 
@@ -189,6 +191,7 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
         else:
             fields = _export_onnx(res, model, tmp, int8, 0.99 if min_cosine is None else min_cosine, tolerance,
                                   progress, text)
+        log.close()  # complete before write_manifest hashes it
         manifest = write_manifest(tmp, model=res.name, family=res.cfg.family, source=str(res.path or res.name),
                                   **fields)
     return {k: v for k, v in manifest.items() if k != "files"} | {"out": str(out), "files": sorted(manifest["files"])}
@@ -265,7 +268,9 @@ def quantize(target: str | Path, out: str | Path, force: bool = False, min_cosin
     model = load_model(res)
     out = Path(out)
     spec = DecoderSpec(res.cfg)
-    with staging(out, force) as tmp:
+    from edgekit.quiet import LOG_DIR, captured  # third-party warnings/logs -> logs/quantize.log
+
+    with staging(out, force) as tmp, captured(tmp / LOG_DIR / "quantize.log", "quantize") as log:
         _write_common(tmp, res.cfg)
         save_checkpoint(model, tmp, int8=True)
         quantized = load_checkpoint(tmp)
@@ -276,6 +281,7 @@ def quantize(target: str | Path, out: str | Path, force: bool = False, min_cosin
                 progress("checking int8 fidelity", len(cases(spec))) as advance:
             report = validate(ref, q, spec, tolerance=None, min_cosine=min_cosine, advance=advance,
                               text=text, text_source=source)
+        log.close()  # complete before write_manifest hashes it
         manifest = write_manifest(tmp, format="checkpoint", precision="int8", quantization=METHOD, model=res.name,
                                   family=res.cfg.family, source=str(res.path or res.name), validation={"int8": report},
                                   size={"fp32_bytes": fp32_bytes, "int8_bytes": int8_bytes,

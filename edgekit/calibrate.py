@@ -179,10 +179,18 @@ def candidate_thresholds(quality: dict[int, dict], per_gap: int = 3) -> list[flo
     return [0.0, *sorted(set(grid))]
 
 
-def calibrate_skip(source: str | Path, data: str | Path, out: str | Path, layers: list[int] | None = None,
-                   seq_len: int = 128, max_tokens: int | None = 65536, holdout: float = 0.2,
-                   max_ppl_increase: float = 0.05, threshold: float | None = None, force: bool = False,
-                   progress=None) -> dict:
+def calibrate_skip(*args, **kwargs) -> dict:
+    """_calibrate_skip, with third-party warnings and logs in OUT/logs/calibrate.log (edgekit.quiet)."""
+    from edgekit.quiet import captured
+
+    with captured(None, "calibrate-skip") as log:
+        return _calibrate_skip(*args, log=log, **kwargs)
+
+
+def _calibrate_skip(source: str | Path, data: str | Path, out: str | Path, layers: list[int] | None = None,
+                    seq_len: int = 128, max_tokens: int | None = 65536, holdout: float = 0.2,
+                    max_ppl_increase: float = 0.05, threshold: float | None = None, force: bool = False,
+                    progress=None, log=None) -> dict:
     """Fit skip gates for a Hugging Face model directory on calibration text and write a gated checkpoint."""
     from edgekit.artifact import check_target, dumps, sha256_file, staging
 
@@ -246,6 +254,8 @@ def calibrate_skip(source: str | Path, data: str | Path, out: str | Path, layers
     linked = {}
     with staging(out, force) as tmp:
         write_side_files(tmp, source)
+        if log is not None:
+            log.copy_into(tmp, "calibrate.log")
         for f in sorted(source.glob("*.safetensors")):
             linked[f.name] = _link_or_copy(f, tmp / f.name)
         if (source / "model.safetensors.index.json").is_file():

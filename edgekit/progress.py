@@ -1,5 +1,5 @@
-"""Progress display for long steps on stderr, silent when not a terminal or when EDGEKIT_QUIET is set
-(tests, --json pipelines).
+"""Progress display for long steps on stderr: a live bar on a terminal, then one line per finished stage with
+its elapsed time (a plain line in a pipe too); silent when EDGEKIT_QUIET is set (tests).
 
 This module is the bottom layer and imports no display library: by default it writes one plain line
 that it rewrites in place; the CLI installs its rich progress bar with set_display()."""
@@ -50,9 +50,16 @@ def plain(description: str, total: float | None = None) -> Iterator[Advance]:
 
 @contextlib.contextmanager
 def progress(description: str, total: float | None = None) -> Iterator[Advance]:
-    """Yields advance(n=1, description=None). total=None shows a spinner-like bar."""
-    if os.environ.get("EDGEKIT_QUIET") or not sys.stderr.isatty():
+    """Yields advance(n=1, description=None). total=None shows a spinner-like bar. When the stage ends, one
+    line "description  12.3s" stays on stderr, on a terminal and in a pipe alike (not with EDGEKIT_QUIET)."""
+    if os.environ.get("EDGEKIT_QUIET"):
         yield lambda *a, **k: None
         return
-    with (_display or plain)(description, total) as advance:
-        yield advance
+    t0 = time.monotonic()
+    if sys.stderr.isatty():
+        with (_display or plain)(description, total) as advance:
+            yield advance
+    else:
+        yield lambda *a, **k: None
+    sys.stderr.write(f"{description}  {time.monotonic() - t0:.1f}s\n")
+    sys.stderr.flush()

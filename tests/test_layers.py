@@ -20,7 +20,7 @@ LAYERS = {
     "edgekit.errors": 1, "edgekit.files": 1, "edgekit.versions": 1, "edgekit.config": 1,
     "edgekit.spec": 1, "edgekit.families": 1, "edgekit.hfconfig": 1, "edgekit.artifact": 1, "edgekit.resolve": 1,
     "edgekit.tokenizer": 1, "edgekit.generation": 1, "edgekit.progress": 1, "edgekit.tasks": 1,
-    "edgekit.textdata": 1, "edgekit.structure": 1,
+    "edgekit.textdata": 1, "edgekit.structure": 1, "edgekit.quiet": 1,
     # 2. models: the only code that builds torch modules
     "edgekit.models": 2, "edgekit.checkpoint": 2, "edgekit.quantize": 2, "edgekit.gguf": 2,
     # 3. engines, exporters, device profiles

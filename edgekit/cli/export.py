@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from edgekit import api
+from edgekit import api, quiet
 from edgekit.cli import render
-from edgekit.cli.options import FidelityData, Force, JsonOut, OutDir, Target, at_least, number
+from edgekit.cli.options import FidelityData, Force, JsonOut, OutDir, Target, Verbose, at_least, number
 
 
 def export(
@@ -27,8 +27,10 @@ def export(
     fidelity_data: FidelityData = None,
     force: Force = False,
     as_json: JsonOut = False,
+    verbose: Verbose = False,
 ) -> None:
     """Export to an artifact directory (model, config, manifest); validation failures fail the command."""
+    quiet.set_verbose(verbose)
     r = api.export(target, fmt, out, int8=int8, force=force, min_cosine=min_cosine, device=device,
                    context=context, precision=precision, fidelity_data=fidelity_data)
     render.emit(r, as_json, render.show_export)
@@ -42,8 +44,10 @@ def quantize(
     fidelity_data: FidelityData = None,
     force: Force = False,
     as_json: JsonOut = False,
+    verbose: Verbose = False,
 ) -> None:
     """PyTorch dynamic int8 of the Linear layers, written as a safetensors checkpoint artifact."""
+    quiet.set_verbose(verbose)
     r = api.quantize(target, out, force=force, min_cosine=min_cosine, fidelity_data=fidelity_data)
     render.emit(r, as_json, render.show_quantize)
 
@@ -62,8 +66,10 @@ def calibrate_skip_cmd(
                                                     help="Set the default threshold yourself.")] = None,
     force: Force = False,
     as_json: JsonOut = False,
+    verbose: Verbose = False,
 ) -> None:
     """Fit per-layer skip gates on calibration text; write a gated checkpoint (export keeps them as If)."""
+    quiet.set_verbose(verbose)
     from edgekit.calibrate import calibrate_skip, parse_layers
 
     r = calibrate_skip(target, data, out, layers=parse_layers(layers), seq_len=seq_len,

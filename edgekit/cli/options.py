@@ -63,6 +63,8 @@ def utf8(text: str | None, option: str) -> str | None:
 
 Target = Annotated[str, typer.Argument(help="Preset name (see 'edgekit models'), checkpoint or artifact directory.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+Verbose = Annotated[bool, typer.Option("--verbose", help="Show third-party warnings and logs live (default: only "
+                                       "in the artifact's logs/ file).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 OutDir = Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")]
 FidelityData = Annotated[Path | None, typer.Option(
