@@ -22,18 +22,60 @@ def emit(data, as_json: bool, render=None) -> None:
         render(data)
     else:
         table = Table(show_header=False)
+        table.add_column(overflow="fold")
+        table.add_column(overflow="fold")
         for k, v in data.items():
             table.add_row(str(k), json.dumps(v, default=str) if isinstance(v, dict | list) else str(v))
         console.print(table)
 
 
-def table_of(rows: list[dict], columns: list[str], title: str | None = None) -> Table:
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*(str(r.get(c, "")) for c in columns))
-    return table
+class Fitted:
+    """A table that fits the width it is printed at (an 80-column terminal, a pipe): as is when it fits, else
+    transposed (one column per row, the columns as rows), else one key/value block per row. Cells fold, never
+    end in '...'. `columns`: (header, justify); `rows`: cell strings (rich markup allowed)."""
+
+    def __init__(self, columns: list[tuple[str, str]], rows: list[list[str]], title: str | None = None):
+        self.columns, self.rows, self.title = columns, rows, title
+
+    def wide(self) -> Table:
+        t = Table(title=self.title)
+        for c, justify in self.columns:
+            t.add_column(c, justify=justify, overflow="fold")
+        for r in self.rows:
+            t.add_row(*r)
+        return t
+
+    def transposed(self) -> Table:
+        t = Table(title=self.title)
+        t.add_column(self.columns[0][0], overflow="fold")
+        for r in self.rows:
+            t.add_column(r[0], justify="right", overflow="fold")
+        for i, (c, _) in enumerate(self.columns[1:], 1):
+            t.add_row(c, *(r[i] for r in self.rows))
+        return t
+
+    def stacked(self) -> Table:
+        t = Table(title=self.title, show_header=False)
+        t.add_column(overflow="fold")
+        t.add_column(overflow="fold")
+        for r in self.rows:
+            for i, ((c, _), cell) in enumerate(zip(self.columns, r)):
+                t.add_row(f"[bold]{c}[/bold]" if i == 0 else c, f"[bold]{cell}[/bold]" if i == 0 else cell)
+            t.add_section()
+        return t
+
+    def __rich_console__(self, console: Console, options):
+        for layout in (self.wide, self.transposed):
+            table = layout()
+            natural = console.measure(table, options=options.update_width(10_000)).maximum  # unwrapped width
+            if natural <= options.max_width:
+                yield table
+                return
+        yield self.stacked()
+
+
+def table_of(rows: list[dict], columns: list[str], title: str | None = None) -> Fitted:
+    return Fitted([(c, "left") for c in columns], [[str(r.get(c, "")) for c in columns] for r in rows], title)
 
 
 def show_rows(rows: list[dict], columns: list[str]) -> None:
@@ -169,14 +211,12 @@ def show_profile(r: dict, console: Console = console) -> None:
                   f"{lat['measured_runs']} measured run(s) after {s['warmup']} warm-up", highlight=False)
     if r.get("interrupted"):
         console.print("[yellow]interrupted: the numbers below cover what was measured before Ctrl-C[/yellow]")
-    t = Table(show_header=True)
-    for c in ("metric", "p50", "p90", "p99", "mean"):
-        t.add_column(c, justify="right" if c != "metric" else "left")
+    rows = []
     for label, key in (("time to first token (ms)", "ttft_ms"), ("decode per token (ms)", "decode_ms_per_token"),
                        ("request end to end (ms)", "e2e_ms")):
         st = lat.get(key) or {}
-        t.add_row(label, *(_fmt(st.get(q)) for q in ("p50", "p90", "p99", "mean")))
-    console.print(t)
+        rows.append([label, *(_fmt(st.get(q)) for q in ("p50", "p90", "p99", "mean"))])
+    console.print(Fitted([("metric", "left"), *((q, "right") for q in ("p50", "p90", "p99", "mean"))], rows))
     mem, size, roof, en, g = r.get("memory") or {}, r["size"], r.get("roofline") or {}, r["energy"], r.get("gating")
     lines = [f"decode {_fmt(lat['decode_tokens_per_s'])} tokens/s, prefill {_fmt(lat['prefill_tokens_per_s'])} "
              f"tokens/s, {_fmt(lat['requests_per_s'])} requests/s at batch {s['batch']}"]
@@ -210,25 +250,19 @@ def show_profile(r: dict, console: Console = console) -> None:
     for line in lines:
         console.print(line, highlight=False)
     if r.get("sweep"):
-        t = Table(title="threshold sweep")
-        for c in ("threshold", "decode p50 ms", "decode p90 ms", "tokens/s", "skipped"):
-            t.add_column(c, justify="right")
-        for e in r["sweep"]:
-            t.add_row(_fmt(e["threshold"]), _fmt(e["decode_ms_p50"]), _fmt(e["decode_ms_p90"]),
-                      _fmt(e["decode_tokens_per_s"]), f"{100 * (e['skipped_fraction'] or 0):.1f}%")
-        console.print(t)
+        rows = [[_fmt(e["threshold"]), _fmt(e["decode_ms_p50"]), _fmt(e["decode_ms_p90"]),
+                 _fmt(e["decode_tokens_per_s"]), f"{100 * (e['skipped_fraction'] or 0):.1f}%"] for e in r["sweep"]]
+        console.print(Fitted([(c, "right") for c in ("threshold", "decode p50 ms", "decode p90 ms", "tokens/s",
+                                                     "skipped")], rows, title="threshold sweep"))
     w = r.get("workload")
     if w:
-        t = Table(title=f"mixed workload: {w['requests']} requests, {w['new_tokens']} new tokens each, "
-                        f"token budget {w['token_budget']}")
-        for c in ("batching", "tokens/s", "requests/s", "batches", "rows/batch", "prompt padding"):
-            t.add_column(c, justify="right")
-        for m in ("fixed", "dynamic"):
-            if m in w:
-                e = w[m]
-                t.add_row(m, _fmt(e["generated_tokens_per_s"]), _fmt(e["requests_per_s"]), str(e["batches"]),
-                          _fmt(e["rows_per_batch_mean"]), f"{100 * e['prompt_padding_fraction']:.1f}%")
-        console.print(t)
+        rows = [[m, _fmt(w[m]["generated_tokens_per_s"]), _fmt(w[m]["requests_per_s"]), str(w[m]["batches"]),
+                 _fmt(w[m]["rows_per_batch_mean"]), f"{100 * w[m]['prompt_padding_fraction']:.1f}%"]
+                for m in ("fixed", "dynamic") if m in w]
+        console.print(Fitted([(c, "right") for c in ("batching", "tokens/s", "requests/s", "batches", "rows/batch",
+                                                     "prompt padding")], rows,
+                             title=f"mixed workload: {w['requests']} requests, {w['new_tokens']} new tokens each, "
+                                   f"token budget {w['token_budget']}"))
         if "dynamic_over_fixed" in w:
             console.print(f"dynamic / fixed throughput: {w['dynamic_over_fixed']:.3f}x", highlight=False)
 
@@ -241,17 +275,16 @@ def show_compare(r: dict, console: Console = console) -> None:
             show_profile(p, console)
         return
     a, b = r["labels"]
-    t = Table(title=f"{a}  vs  {b}")
-    for c in ("metric", "A", "B", "B vs A"):
-        t.add_column(c, justify="left" if c == "metric" else "right")
+    rows = []
     for row in r["rows"]:
         diff = row.get("difference_pct")
         cell = "-" if diff is None else f"{diff:+.1f}%"
         if diff is not None and row["better"]:
             good = (diff < 0) == (row["better"] == "lower")
             cell = f"[{'green' if good else 'red'}]{cell}[/]" if abs(diff) >= 0.05 else cell
-        t.add_row(f"{row['metric']} ({row['unit']})", _fmt(row["a"], 4), _fmt(row["b"], 4), cell)
-    console.print(t)
+        rows.append([f"{row['metric']} ({row['unit']})", _fmt(row["a"], 4), _fmt(row["b"], 4), cell])
+    console.print(Fitted([("metric", "left"), ("A", "right"), ("B", "right"), ("B vs A", "right")], rows,
+                         title=f"A: {a}\nB: {b}"))
     o = r.get("outputs")
     if o:
         console.print(f"outputs on {o['cases']} seeded cases ({o['reference']} vs {o['candidate']}): max abs diff "
