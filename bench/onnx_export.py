@@ -31,7 +31,8 @@ from edgekit.checkpoint import save_checkpoint  # noqa: E402
 from edgekit.models import build  # noqa: E402
 from edgekit.spec import DecoderSpec  # noqa: E402
 from edgekit.validate import validate  # noqa: E402
-from exporters.onnx import MODEL_FILE, quantize_int8  # noqa: E402
+from exporters.onnx import MODEL_FILE  # noqa: E402
+from exporters.onnx_int8 import quantize_int8  # noqa: E402
 
 HERE = Path(__file__).parent
 PROMPT, DECODE = 128, 16

@@ -168,7 +168,8 @@ def onnx_artifacts(name: str, work: Path, ref_out: dict, spec) -> dict[str, Path
 
     from edgekit import api
     from edgekit.artifact import sha256_file, staging, write_manifest
-    from exporters.onnx import MODEL_FILE, quantize_int8
+    from exporters.onnx import MODEL_FILE
+    from exporters.onnx_int8 import quantize_int8
 
     out = {}
     for precision, names in (("fp32", [f"{name}-onnx-fp32", name]), ("int8", [f"{name}-onnx-int8", f"{name}-int8"])):

@@ -146,14 +146,16 @@ def _dir_bytes(directory: Path, pattern: str = "model.onnx*") -> int:
 
 
 def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, force: bool = False,
-           min_cosine: float | None = None, tolerance: float = 1e-4, device: str | None = None,
-           context: int | None = None, precision: str | None = None, fidelity_data: str | Path | None = None) -> dict:
+           min_cosine: float | None = None, tolerance: float = 1e-3, device: str | None = None,
+           context: int | None = None, precision: str | None = None, fidelity_data: str | Path | None = None,
+           max_ppl_increase: float | None = None) -> dict:
     """Export a preset/checkpoint to an artifact directory; validation failures fail the export.
 
     onnx: fp32 graph validated against PyTorch (max abs diff <= tolerance x the output's scale, several
-    shapes and skip patterns); with int8, ORT dynamic int8 inside the If branches and a logit-cosine
-    fidelity floor (min_cosine, default 0.99) on fidelity_data (a text file) or Resolved.fidelity_text's
-    default. tensorrt: delegated to exporters.tensorrt (TensorRT-ready
+    shapes and skip patterns); with int8, block int8 (exporters/onnx_int8.py) inside the If branches, a
+    logit-cosine floor (min_cosine, default 0.99) on fidelity_data (a text file) or Resolved.fidelity_text's
+    default, and where that is real text, a perplexity gate: the int8 graph's perplexity at most
+    max_ppl_increase (default 0.02) above the fp32 graph's. tensorrt: delegated to exporters.tensorrt (TensorRT-ready
     ONNX + build recipe; min_cosine defaults to the precision's own floor there).
     """
     from edgekit.artifact import check_target, staging, write_manifest
@@ -164,6 +166,8 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
     if fmt not in FORMATS:
         raise unknown_name("format", fmt, FORMATS)
     check_options(fmt, int8, min_cosine, device, context, precision, fidelity_data)
+    if max_ppl_increase is not None and not int8:
+        raise EdgekitError("--max-ppl-increase applies to the int8 fidelity check", "add --int8, or drop it")
     check_target(Path(out), force)  # before any work
     res = resolve(target)
     text = res.fidelity_text(fidelity_data) if int8 and fmt == "onnx" else (None, "")
@@ -186,11 +190,10 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
             from edgekit import engine
 
             fields = engine.export(model, tmp, device=device, context=context,
-                                         precision=precision or ("int8" if int8 else "fp16"),
-                                         min_cosine=min_cosine)
+                                   precision=precision or ("int8" if int8 else "fp16"), min_cosine=min_cosine)
         else:
             fields = _export_onnx(res, model, tmp, int8, 0.99 if min_cosine is None else min_cosine, tolerance,
-                                  progress, text)
+                                  progress, text, 0.02 if max_ppl_increase is None else max_ppl_increase)
         log.close()  # complete before write_manifest hashes it
         manifest = write_manifest(tmp, model=res.name, family=res.cfg.family, source=str(res.path or res.name),
                                   **fields)
@@ -198,13 +201,14 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
 
 
 def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance: float, progress,
-                 text: tuple) -> dict:
+                 text: tuple, max_ppl_increase: float = 0.02) -> dict:
     import shutil
 
     from edgekit import validate
     from edgekit.resolve import Resolved
     from edgekit.spec import DecoderSpec
     from exporters import onnx as onnx_exporter
+    from exporters.onnx_graph import graph_ops
     from runtimes.onnxruntime import OnnxRuntimeRunner
     from runtimes.torch import TorchRunner
 
@@ -228,21 +232,30 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
     fields = {"format": "onnx", "precision": "fp32", "model_file": onnx_exporter.MODEL_FILE,
               "opset": onnx_exporter.OPSET, "inputs": spec.input_names, "outputs": spec.output_names,
               "dynamic_axes": spec.dynamic_axes(), "validation": {"fp32": validation},
-              "graph_ops": onnx_exporter.graph_ops(fp32_dir / onnx_exporter.MODEL_FILE)}
+              "graph_ops": graph_ops(fp32_dir / onnx_exporter.MODEL_FILE)}
     fp32_bytes = _dir_bytes(fp32_dir)
     fields["size"] = {"fp32_bytes": fp32_bytes}
     if int8:
-        with progress("quantizing to int8 (ONNX Runtime dynamic, If branches included)") as advance:
-            onnx_exporter.quantize_int8(fp32_dir / onnx_exporter.MODEL_FILE, tmp / onnx_exporter.MODEL_FILE)
+        from exporters.onnx_int8 import METHOD, quantize_int8
+
+        with progress("quantizing to int8 (block int8 weights, int8 activations; If branches included)") as advance:
+            quantization = quantize_int8(fp32_dir / onnx_exporter.MODEL_FILE, tmp / onnx_exporter.MODEL_FILE)
             advance(1)
-        with reference, OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, tmp)) as int8_runner, \
-                progress("checking int8 fidelity", n_cases) as advance:
-            fields["validation"]["int8"] = validate.validate(reference, int8_runner, spec, tolerance=None,
-                                                             min_cosine=min_cosine, advance=advance,
-                                                             text=text[0], text_source=text[1])
+        with reference, OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, fp32_dir)) as fp32_runner, \
+                OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, tmp)) as int8_runner:
+            with progress("checking int8 fidelity", n_cases) as advance:
+                report = validate.validate(reference, int8_runner, spec, tolerance=None, min_cosine=min_cosine,
+                                           advance=advance, text=text[0], text_source=text[1])
+            if text[0] is not None:  # a real text: perplexity of both graphs on the same windows
+                with progress("perplexity of the fp32 and int8 graphs on the fidelity text") as advance:
+                    report["perplexity"] = validate.perplexity_gate(fp32_runner, int8_runner, spec, text[0],
+                                                                    max_ppl_increase, text[1])
+                    advance(1)
+        fields["validation"]["int8"] = report
+        fields["quantization"] = {"method": METHOD, **quantization}
         shutil.rmtree(fp32_dir)
         int8_bytes = _dir_bytes(tmp)
-        fields.update(precision="int8", graph_ops=onnx_exporter.graph_ops(tmp / onnx_exporter.MODEL_FILE))
+        fields.update(precision="int8", graph_ops=graph_ops(tmp / onnx_exporter.MODEL_FILE))
         fields["size"].update(int8_bytes=int8_bytes, int8_over_fp32=round(int8_bytes / fp32_bytes, 4))
     return fields
 

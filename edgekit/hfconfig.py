@@ -240,3 +240,15 @@ def write_side_files(dst: Path, src: Path) -> None:
     for name in ("config.json", *SIDE_FILES, CHAT_TEMPLATE_FILE):
         if (Path(src) / name).is_file():
             shutil.copyfile(Path(src) / name, Path(dst) / name)
+
+
+def gguf_cache_dir(path: Path) -> Path:
+    """Where a .gguf file's Hugging Face directory lives once converted (edgekit.models.gguf): under
+    $EDGEKIT_CACHE (default ~/.cache/edgekit), named by the file's stem and sha256, so an edited file is
+    converted again and the same file is converted once."""
+    import os
+
+    from edgekit.artifact import sha256_file
+
+    root = Path(os.environ.get("EDGEKIT_CACHE") or Path.home() / ".cache" / "edgekit")
+    return root / "gguf" / f"{Path(path).stem}-{sha256_file(Path(path))[:16]}"

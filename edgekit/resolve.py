@@ -10,6 +10,8 @@ from edgekit.config import PRESETS, ModelConfig, preset, read_config
 from edgekit.errors import EdgekitError
 from edgekit.families import family
 
+# English prose for fidelity/perplexity checks of pretrained models (written for edgekit)
+FIDELITY_TEXT = Path(__file__).resolve().parent / "data" / "fidelity_en.txt"
 # Trained reference checkpoints shipped inside the package (bench/train_reference.py writes them)
 REFERENCE = {name: Path(__file__).resolve().parent / "checkpoints" / name for name in ("v3-ref", "r1-ref")}
 
@@ -39,11 +41,16 @@ class Resolved:
 
     def fidelity_text(self, data: str | Path | None = None) -> tuple[list[int] | None, str]:
         """In-distribution token ids for int8 fidelity checks, and where they come from: the text file
-        `data` (tokenized by the model's tokenizer); else, for a checkpoint trained on edgekit's task suite
-        (its manifest records held-out accuracy), task text; else none (seeded random tokens)."""
+        `data` (tokenized by the model's tokenizer); else, for a pretrained Hugging Face model, English prose
+        shipped with edgekit (edgekit/data/fidelity_en.txt, written for it); for a checkpoint trained on
+        edgekit's task suite (its manifest records held-out accuracy), task text; else none (seeded random
+        tokens: random weights have no distribution to be in)."""
         if data is not None:
             ids = self.tokenizer().encode(read_text(data, "--fidelity-data"))
             return ids, f"text from {data} ({len(ids)} tokens)"
+        if family(self.cfg).source == "huggingface":
+            ids = self.tokenizer().encode(FIDELITY_TEXT.read_text(encoding="utf-8"))
+            return ids, f"edgekit's English fidelity text ({len(ids)} tokens)"
         if self.manifest.get("heldout") is None:
             return None, "random tokens"
         from edgekit import tasks
@@ -62,6 +69,15 @@ def resolve(target: str | Path) -> Resolved:
             cfg = preset(str(target))  # raises 'unknown model' with the nearest match
             return Resolved("preset", cfg.name, cfg)
         raise EdgekitError(f"{target} does not exist", "pass a preset name (see 'edgekit models') or a directory")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from edgekit.hfconfig import gguf_cache_dir
+
+        converted = gguf_cache_dir(path)
+        if not converted.is_dir():
+            raise EdgekitError(f"{path} has not been converted to a Hugging Face directory yet",
+                               "the edgekit commands convert it on first use; from Python call "
+                               "edgekit.models.gguf.source(path) first")
+        path = converted
     if not path.is_dir():
         raise EdgekitError(f"{target} is a file", "pass the artifact or checkpoint directory that contains it")
     from edgekit.hfconfig import is_hf_dir, read_hf_config

@@ -5,7 +5,7 @@ Export (fp32 graph vs PyTorch, int8 graph vs PyTorch), quantize (torch int8 vs t
 (runtime vs runtime, never judged) and TensorRT (engine vs PyTorch) all use it (STYLE.md, Polygraphy).
 
     results = run(reference, candidate, spec)          # compare, nothing judged
-    judge(results, tolerance=1e-4)                     # raises EdgekitError on a miss
+    judge(results, tolerance=1e-3)                     # raises EdgekitError on a miss
     save(results, "results.json")                      # compare later, elsewhere
 
 A reference can also be a recording: `Recording(runner)` captures every output a runner gives during
@@ -13,9 +13,10 @@ A reference can also be a recording: `Recording(runner)` captures every output a
 be judged against outputs recorded on a workstation (same seeded cases, so the same feeds).
 
 Tolerances scale with the outputs: real pretrained logits are O(10) and an exact fp32 graph differs from
-PyTorch by ~1e-3 absolute (summation order), ~1e-5 relative, while a wrong graph differs by far more
-(tests/test_validate.py breaks graphs on purpose). The bound on each output of each case is
-`tolerance x max(1, max |reference|)`.
+PyTorch by up to ~3e-3 absolute (summation order; SmolLM2-135M on a random KV cache: 1.2e-4 of the logits'
+scale), while a graph with one weight off by 1 % differs by >= 1e-2 of the scale of some output (measured on
+SmolLM2 and the tiny presets; tests/edgekit/test_validate.py breaks graphs on purpose). The bound on each
+output of each case is `tolerance x max(1, max |reference|)`, tolerance 1e-3 by default.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def judge(results: dict, tolerance: float | None = None, min_cosine: float | Non
             "min_cosine": min_cosine, "passed": True}
 
 
-def validate(reference, candidate, spec: DecoderSpec, tolerance: float | None = 1e-4, min_cosine: float | None = None,
+def validate(reference, candidate, spec: DecoderSpec, tolerance: float | None = 1e-3, min_cosine: float | None = None,
              advance=lambda *a, **k: None, text=None, text_source: str = "text") -> dict:
     """run + judge: an exact check (tolerance) or a fidelity check (min_cosine, own-prefill caches, text)."""
     results = run(reference, candidate, spec, fidelity=min_cosine is not None, text=text, text_source=text_source,
@@ -194,6 +195,22 @@ def perplexity(runner, spec: DecoderSpec, ids: list[int], window: int = 256, max
         nll -= float(logp[np.arange(window), chunk[1:]].sum())
         count += window
     return {"ppl": math.exp(nll / count), "tokens": count, "windows": n, "window": window}
+
+
+def perplexity_gate(reference, candidate, spec: DecoderSpec, ids: list[int], max_increase: float,
+                    source: str = "text") -> dict:
+    """Perplexity of both runners on the same windows of `ids`; raises when the candidate's exceeds the
+    reference's by more than `max_increase` (0.02 = the brief's "< 2 % loss")."""
+    window = max(8, min(256, spec.cfg.max_seq_len, (len(ids) - 1) // 2))
+    ref, got = perplexity(reference, spec, ids, window), perplexity(candidate, spec, ids, window)
+    increase = got["ppl"] / ref["ppl"] - 1
+    report = {"reference": ref["ppl"], "candidate": got["ppl"], "increase": increase, "max_increase": max_increase,
+              "tokens": ref["tokens"], "window": window, "text": source}
+    if not math.isfinite(increase) or increase > max_increase:
+        raise EdgekitError(f"validation failed: perplexity {got['ppl']:.3f} vs {ref['ppl']:.3f} "
+                           f"(+{100 * increase:.2f} % > {100 * max_increase:g} %) on {source}",
+                           "raise --max-ppl-increase only if you accept the loss")
+    return report
 
 
 def _key(feeds: dict[str, np.ndarray]) -> str:

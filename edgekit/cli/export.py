@@ -9,14 +9,15 @@ import typer
 
 from edgekit import api, quiet
 from edgekit.cli import render
-from edgekit.cli.options import FidelityData, Force, JsonOut, OutDir, Target, Verbose, at_least, number
+from edgekit.cli.options import FidelityData, Force, JsonOut, OutDir, Target, Verbose, at_least, model_source, number
 
 
 def export(
     target: Target,
     out: OutDir,
     fmt: Annotated[str, typer.Option("--format", help="onnx or tensorrt.")] = "onnx",
-    int8: Annotated[bool, typer.Option("--int8", help="ONNX Runtime dynamic int8 (CPU/ARM targets).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="int8 weights per block, int8 activations at run time "
+                                       "(ONNX Runtime MatMulNBits; CPU/ARM targets).")] = False,
     device: Annotated[str | None, typer.Option(help="Target device profile (tensorrt).")] = None,
     context: Annotated[int | None, typer.Option(callback=at_least(1, "--context"),
                                                 help="Context length to plan for (tensorrt).")] = None,
@@ -25,6 +26,9 @@ def export(
                                                      help="Fail below this logit cosine, 0..1 (default 0.99 for onnx "
                                                      "int8; tensorrt: fp16 0.999, int4 0.95).")] = None,
     fidelity_data: FidelityData = None,
+    max_ppl_increase: Annotated[float | None, typer.Option(
+        "--max-ppl-increase", callback=number("--max-ppl-increase", 0),
+        help="int8: fail when perplexity on the fidelity text rises more than this (default 0.02 = 2 %).")] = None,
     force: Force = False,
     as_json: JsonOut = False,
     verbose: Verbose = False,
@@ -32,7 +36,8 @@ def export(
     """Export to an artifact directory (model, config, manifest); validation failures fail the command."""
     quiet.set_verbose(verbose)
     r = api.export(target, fmt, out, int8=int8, force=force, min_cosine=min_cosine, device=device,
-                   context=context, precision=precision, fidelity_data=fidelity_data)
+                   context=context, precision=precision, fidelity_data=fidelity_data,
+                   max_ppl_increase=max_ppl_increase)
     render.emit(r, as_json, render.show_export)
 
 
@@ -53,7 +58,8 @@ def quantize(
 
 
 def calibrate_skip_cmd(
-    target: Annotated[Path, typer.Argument(help="Hugging Face model directory (qwen2, llama, deepseek_v3).")],
+    target: Annotated[Path, typer.Argument(callback=model_source, help="Hugging Face model directory (qwen2, llama, "
+                                           "deepseek_v3) or a llama/qwen2 .gguf file.")],
     data: Annotated[Path, typer.Option("--data", help="Calibration text (plain UTF-8), tokenized in chunks.")],
     out: OutDir,
     layers: Annotated[str | None, typer.Option(help="Layers to gate, comma-separated (default: all).")] = None,

@@ -61,7 +61,17 @@ def utf8(text: str | None, option: str) -> str | None:
     return text
 
 
-Target = Annotated[str, typer.Argument(help="Preset name (see 'edgekit models'), checkpoint or artifact directory.")]
+def model_source(value):
+    """Callback: a .gguf file is converted to a Hugging Face directory once (cached) and that is the target."""
+    if value is None or not str(value).lower().endswith(".gguf"):
+        return value
+    from edgekit.models.gguf import source
+
+    return str(source(value))
+
+
+Target = Annotated[str, typer.Argument(callback=model_source, help="Preset name (see 'edgekit models'), checkpoint, "
+                                       "Hugging Face or artifact directory, or a llama/qwen2 .gguf file.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="Show third-party warnings and logs live (default: only "
                                        "in the artifact's logs/ file).")]

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from edgekit.cli import render
-from edgekit.cli.options import Device, JsonOut
+from edgekit.cli.options import Device, JsonOut, model_source
 from edgekit.errors import EdgekitError
 
 
@@ -21,7 +21,8 @@ def devices(as_json: JsonOut = False) -> None:
 
 
 def plan(
-    target: Annotated[str | None, typer.Argument(help="Preset, checkpoint or artifact (omit with --select).")] = None,
+    target: Annotated[str | None, typer.Argument(callback=model_source, help="Preset, checkpoint, Hugging Face or "
+                                                 "artifact directory, or .gguf file (omit with --select).")] = None,
     device: Device = "host",
     precision: Annotated[str | None, typer.Option(help="fp32, fp16, bf16, fp8, int8 or int4 (default: a table "
                                                        "of every precision the device supports).")] = None,

@@ -24,6 +24,7 @@ from edgekit.cli.options import (
     TorchDtype,
     Warmup,
     at_least,
+    model_source,
 )
 
 
@@ -70,8 +71,9 @@ def profile_cmd(
 
 
 def compare_cmd(
-    a: Annotated[str, typer.Argument(help="First preset, checkpoint or artifact.")],
-    b: Annotated[str | None, typer.Argument(help="Second target (omit with --runtime R1,R2).")] = None,
+    a: Annotated[str, typer.Argument(callback=model_source, help="First preset, checkpoint or artifact.")],
+    b: Annotated[str | None, typer.Argument(callback=model_source,
+                                            help="Second target (omit with --runtime R1,R2).")] = None,
     runtime: Annotated[str | None, typer.Option("--runtime", help="One runtime for both targets, or R1,R2 to compare "
                                                 "two runtimes on one target (outputs included).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Compare the int8 forms (torch-int8 checkpoint, or ONNX "

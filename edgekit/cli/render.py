@@ -134,11 +134,16 @@ def show_export(r: dict) -> None:
     console.print(f"wrote {r['out']} ({r['format']}, {r['precision']}; files: {', '.join(r['files'])})")
     if "fp32" in v:
         console.print(f"validated fp32 vs PyTorch: {len(v['fp32']['cases'])} cases, max abs diff "
-                      f"{v['fp32']['max_abs_diff']:.2e}, skip patterns {v['fp32']['distinct_skip_patterns']}")
+                      f"{v['fp32']['max_abs_diff']:.2e} ({v['fp32'].get('max_relative_diff', 0):.1e} of the outputs' "
+                      f"scale), skip patterns {v['fp32']['distinct_skip_patterns']}")
     if "int8" in v:
         console.print(f"int8: size {r['size']['int8_over_fp32']:.1%} of fp32, logit cosine "
                       f"{v['int8']['logit_cosine_mean']:.5f}, argmax agreement {v['int8']['argmax_agreement']:.1%} "
                       f"(on {v['int8']['inputs']})")
+        ppl = v["int8"].get("perplexity")
+        if ppl:
+            console.print(f"int8 perplexity {ppl['candidate']:.3f} vs fp32 {ppl['reference']:.3f} "
+                          f"({100 * ppl['increase']:+.2f} %, limit +{100 * ppl['max_increase']:g} %) on {ppl['text']}")
     for name, rep in v.get("onnxruntime_cpu", {}).items():
         console.print(f"validated in ONNX Runtime ({name.replace('_', ' ')}): logit cosine "
                       f"{rep['logit_cosine_mean']:.5f}, argmax agreement {rep['argmax_agreement']:.1%}")

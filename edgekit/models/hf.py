@@ -115,7 +115,7 @@ class HFCausalLM(nn.Module):
         return out.logits, presents, torch.ones(self.cfg.n_layers, dtype=torch.bool, device=input_ids.device)
 
 
-def check_experts(model: HFCausalLM, candidate, spec, tolerance: float = 1e-4, max_inputs: int = 8) -> dict | None:
+def check_experts(model: HFCausalLM, candidate, spec, tolerance: float = 1e-3, max_inputs: int = 8) -> dict | None:
     """MoE: feed seeded [4, 32] inputs until every routed expert of every MoE layer has been selected
     (routing counts from the PyTorch router), and require the graph's logits to match PyTorch's on all
     of them. A graph that dropped or froze an expert differs on the tokens routed to it, so this fails
@@ -141,11 +141,12 @@ def check_experts(model: HFCausalLM, candidate, spec, tolerance: float = 1e-4, m
             with torch.no_grad():
                 want = model(torch.from_numpy(feeds["input_ids"]))[0].float().numpy()
             got = candidate.infer(feeds)["logits"]
-            diff = float(np.abs(got.astype(np.float64) - want).max())
+            diff = float(np.abs(got.astype(np.float64) - want).max()) / max(1.0, float(np.abs(want).max()))
             worst = max(worst, diff)
-            if diff > tolerance:
-                raise EdgekitError(f"validation failed: MoE logits differ by {diff:.3g} > {tolerance:g} on inputs "
-                                   "that reach every expert", "the exported graph dropped or froze an expert")
+            if diff > tolerance:  # relative to the logits' scale, as edgekit.validate judges
+                raise EdgekitError(f"validation failed: MoE logits differ by {diff:.3g} of their scale > "
+                                   f"{tolerance:g} on inputs that reach every expert",
+                                   "the exported graph dropped or froze an expert")
             if bool((counts > 0).all()):
                 break
     finally:

@@ -89,7 +89,7 @@ def test_generate_text_from_dir_and_artifact(hf_models):
 
 
 def test_int8_export_quantizes_every_large_weight(hf_models, tmp_path):
-    from exporters.onnx import large_float_weights
+    from exporters.onnx_graph import large_float_weights
 
     d, _ = hf_models["llama"]
     text = tmp_path / "text.txt"  # the int8 check decodes this text, tokenized by the model's tokenizer.json
@@ -267,7 +267,8 @@ def test_int8_keeps_moe_routers_fp32_and_quantizes_the_rest(dsv3, tmp_path):
     routes in fp32), so it stays float; the experts and every other large weight become int8."""
     import onnx
 
-    from exporters.onnx import quantize_int8, router_weights
+    from exporters.onnx_graph import router_weights
+    from exporters.onnx_int8 import quantize_int8
 
     _, art = dsv3
     routers = router_weights(art / "model.onnx")
@@ -279,5 +280,7 @@ def test_int8_keeps_moe_routers_fp32_and_quantizes_the_rest(dsv3, tmp_path):
         consumers = [n for n in graph.node if any(i.startswith(r) for i in n.input)]
         assert consumers and all(n.op_type == "MatMul" for n in consumers)
         assert all(inits[i] == onnx.TensorProto.FLOAT for n in consumers for i in n.input if i in inits)
+    # the 3-D expert stacks [E, K, N] have no MatMulNBits form: per-tensor int8 (MatMulInteger); the rest block int8
     quantized = {i for n in graph.node if n.op_type == "MatMulInteger" for i in n.input}
     assert any("experts.w_gate_up" in i for i in quantized) and any("experts.w_down" in i for i in quantized)
+    assert any(n.op_type == "MatMulNBits" for n in graph.node)

@@ -26,7 +26,8 @@ def _results(diff: float, scale: float) -> dict:
 
 
 def test_tolerance_scales_with_the_outputs():
-    # a real model: logits O(10), an exact fp32 graph differs by ~4e-4 (measured on SmolLM2-135M)
+    # a real model: logits O(10), an exact fp32 graph differs by up to 3.4e-3 (measured on SmolLM2-135M, max 32.1)
+    assert validate.judge(_results(3.42e-3, 32.1), tolerance=1e-3)["passed"]
     assert validate.judge(_results(3.9e-4, 20.0), tolerance=1e-4)["passed"]
     with pytest.raises(EdgekitError, match="differs by"):
         validate.judge(_results(3.9e-4, 0.5), tolerance=1e-4)  # the same difference on O(1) outputs is wrong
@@ -67,7 +68,7 @@ def test_a_graph_broken_on_purpose_fails_and_the_intact_one_passes(fixture, name
         broken = _broken_copy(artifact, tmp_path, 1.01)
         with OnnxRuntimeRunner(Resolved("onnx", name, res.cfg, broken, res.manifest)) as bad:
             with pytest.raises(EdgekitError, match="differs by"):
-                validate.judge(validate.run(ref, bad, spec), tolerance=1e-4)
+                validate.judge(validate.run(ref, bad, spec), tolerance=1e-3)  # export's default
     # the results are a strict JSON document (saved, compared later)
     validate.save(results, tmp_path / "results.json")
     assert json.loads((tmp_path / "results.json").read_text())["cases"][0]["setting"] in ("dense", "run-all")

@@ -18,7 +18,7 @@ from edgekit.artifact import read_manifest
 from edgekit.errors import EdgekitError
 from edgekit.resolve import resolve
 from edgekit.spec import DecoderSpec
-from exporters.onnx import graph_ops, iter_graphs, large_float_weights
+from exporters.onnx_graph import graph_ops, iter_graphs, large_float_weights
 from runtimes import open_runner
 
 
@@ -81,16 +81,17 @@ def test_int8_quantizes_inside_if_branches_once(onnx_r1_tiny_int8, onnx_r1_tiny)
     model = onnx.load(str(path), load_external_data=False)
     run_branches = [g for where, g in iter_graphs(model.graph) if where.endswith("then_branch")]
     assert len(run_branches) == len(resolve(onnx_r1_tiny_int8).cfg.gated_layers)
-    assert all(sum(n.op_type == "MatMulInteger" for n in g.node) == 6 for g in run_branches)  # q, o, 3 MLP, relpos
+    assert all(sum(n.op_type == "MatMulNBits" for n in g.node) == 6 for g in run_branches)  # q, o, 3 MLP, relpos
     # shared R1 weights: one int8 copy per unique block weight, not one per layer
+    block = m["quantization"]["block"]
     int8_weights = [t.name for _, g in iter_graphs(model.graph) for t in g.initializer
-                    if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("weight_quantized")]
+                    if t.data_type == onnx.TensorProto.UINT8 and t.name.endswith(f"_Q8B{block}")]
     cfg = resolve(onnx_r1_tiny_int8).cfg
     per_block = 8  # q, k, v, o, relpos gate, MLP gate, up, down
     block_weights = [n for n in int8_weights if ".blocks." in n]
     assert len(block_weights) == len(set(block_weights)) == per_block * cfg.unique_blocks
     v = m["validation"]["int8"]
-    assert v["logit_cosine_mean"] >= 0.99 and 0 <= v["argmax_agreement"] <= 1
+    assert v["logit_cosine_mean"] >= 0.99 and v["argmax_agreement"] >= 0.9
 
 
 def test_int8_size_ratio_recorded(onnx_v3_tiny_int8):
