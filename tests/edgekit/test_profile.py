@@ -84,7 +84,7 @@ def test_profile_v3_torch_batch():
     r = prof.profile("v3-tiny", "torch", **SMALL, batch=3, roofline=False)
     check_latency(r, batch=3)
     assert r["gating"] is None and r["settings"]["threshold"] is None
-    with pytest.raises(EdgekitError, match="apply to R1"):
+    with pytest.raises(EdgekitError, match="apply to gated models"):
         prof.profile("v3-tiny", "torch", **SMALL, threshold=0.5)
 
 
@@ -130,7 +130,7 @@ def test_profile_a_hugging_face_directory(tmp_path, cli):
     assert code == 0, err
     assert "decode per token (ms)" in out and "roofline:" in out
     code, _, err = cli("profile", str(d), "--threshold", "0.5")
-    assert code == 1 and err.startswith("error: ") and "apply to R1 models" in err and err.count("\n") == 1
+    assert code == 1 and err.startswith("error: ") and "apply to gated models" in err and err.count("\n") == 1
 
 
 def test_dynamic_batching_plans():
@@ -279,7 +279,7 @@ def test_cli_profile_json_and_table(cli, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (("profile", "v3-tiny", "--threshold", "0.5"), "apply to R1 models"),
+    (("profile", "v3-tiny", "--threshold", "0.5"), "apply to gated models"),
     (("profile", "r1-tiny", "--sweep-threshold", "abc"), "cannot read 'abc'"),
     (("profile", "v3-tiny", "--provider", "cuda"), "does not apply to the torch runtime"),
     (("profile", "v3-tiny", "--prompt-len", "5000"), "exceed the context"),
