@@ -79,7 +79,7 @@ def device(venv: Path, *args) -> tuple[int, str, str, list[str]]:
 @pytest.mark.slow
 def test_device_venv_verifies_installs_runs_and_profiles_a_bundle_without_torch(device_venv, onnx_v3_tiny,
                                                                                   tmp_path):
-    from edgekit import package as bundles
+    from edgekit import bundle as bundles
 
     keys = bundles.keygen(tmp_path / "keys")
     bundle = tmp_path / "v3-tiny.tar.gz"

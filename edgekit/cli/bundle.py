@@ -1,4 +1,4 @@
-"""IoT bundles (edgekit.package): keygen, package, verify, install, run."""
+"""IoT bundles (edgekit.bundle): keygen, package, verify, install, run."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def keygen_cmd(
     as_json: JsonOut = False,
 ) -> None:
     """Create an ed25519 key pair for signing bundles."""
-    from edgekit import package as bundles
+    from edgekit import bundle as bundles
 
     r = bundles.keygen(out, force=force)
     render.emit(r, as_json, lambda r: render.say(
@@ -51,7 +51,7 @@ def package_cmd(
     as_json: JsonOut = False,
 ) -> None:
     """Bundle an artifact for a device: one reproducible, optionally signed .tar.gz."""
-    from edgekit import package as bundles
+    from edgekit import bundle as bundles
 
     r = bundles.package(artifact, device, out, sign_key=sign_key, runtime=runtime, threads=threads,
                         threshold=threshold, force=force)
@@ -62,7 +62,7 @@ def package_cmd(
 
 def verify_cmd(file: BundleFile, public_key: PublicKey = None, as_json: JsonOut = False) -> None:
     """Check a bundle: signature, every file's hash, none missing, none extra."""
-    from edgekit import package as bundles
+    from edgekit import bundle as bundles
 
     r = bundles.verify(file, public_key)
     render.emit(r, as_json, lambda r: render.say(
@@ -79,7 +79,7 @@ def install_cmd(
     as_json: JsonOut = False,
 ) -> None:
     """Verify a bundle (signature: --public-key, or --allow-unsigned), check this machine, install it atomically."""
-    from edgekit import package as bundles
+    from edgekit import bundle as bundles
 
     r = bundles.install(file, dest, public_key=public_key, force=force, allow_unsigned=allow_unsigned)
     render.emit(r, as_json, lambda r: render.say(
@@ -101,7 +101,7 @@ def run_cmd(
     as_json: JsonOut = False,
 ) -> None:
     """Run an installed bundle (or verify and run a bundle file) with its runtime and settings."""
-    from edgekit import package as bundles
+    from edgekit import bundle as bundles
 
     one_of(prompt, chat, "run")
     r = bundles.run(target, prompt if chat is None else chat, max_new_tokens=max_new_tokens, public_key=public_key,

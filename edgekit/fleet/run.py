@@ -74,11 +74,11 @@ class ProfileOptions:
 
 def bundle_facts(bundle: Path) -> dict:
     """Verify the bundle here first (a damaged file never travels), then its sha256 and small members."""
-    from edgekit import package
+    from edgekit import bundle as bundles
 
     if not bundle.is_file():
         raise EdgekitError(f"{bundle} does not exist", "pass a bundle written by 'edgekit package'")
-    report = package.verify(bundle)
+    report = bundles.verify(bundle)
     h = hashlib.sha256()
     with open(bundle, "rb") as f:
         while block := f.read(1 << 20):

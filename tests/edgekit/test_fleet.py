@@ -280,7 +280,7 @@ def lab(tmp_path):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """A real (tiny, checkpoint) bundle: fleet verifies it locally before anything travels."""
-    from edgekit import package
+    from edgekit import bundle as bundles
     from edgekit.artifact import staging, write_manifest
     from edgekit.checkpoint import save_checkpoint
     from edgekit.models import build
@@ -293,7 +293,7 @@ def bundle(tmp_path_factory) -> Path:
         ByteTokenizer().save(tmp)
         write_manifest(tmp, format="checkpoint", model="v3-tiny")
     out = work / "v3-tiny.tar.gz"
-    package.package(art, "cpu", out)
+    bundles.package(art, "cpu", out)
     return out
 
 
@@ -665,13 +665,13 @@ def test_cli_mistakes_are_one_line(cli, tmp_path, bundle, args, fragments):
 def test_real_edgekit_verifies_installs_and_profiles(lab, onnx_v3_tiny, tmp_path):
     """The real /work/main/.venv/bin/edgekit (this interpreter's) as the remote command: a real ONNX bundle
     is verified, installed and profiled over SSH, and the merged report reads the real report."""
-    from edgekit import package
+    from edgekit import bundle as bundles
 
     real = Path(sys.executable).with_name("edgekit")
     if not real.is_file():
         pytest.skip(f"no edgekit script beside {sys.executable}")
     b = tmp_path / "v3-tiny-onnx.tar.gz"
-    package.package(onnx_v3_tiny, "cpu", b)
+    bundles.package(onnx_v3_tiny, "cpu", b)
     dev = lab.add("real")
     hosts = lab.fleet_toml(["real"], real={"edgekit": str(real)})
     r = fleet.profile(b, hosts, tmp_path / "out", options=ProfileOptions(prompt_len=8, new_tokens=4, warmup=0,

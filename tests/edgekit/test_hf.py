@@ -236,7 +236,7 @@ def test_chat_errors_are_one_line(hf_models, cli):
 def test_bundle_of_a_hf_export_carries_its_tokenizer_and_runs(hf_models, tmp_path):
     import shutil
 
-    from edgekit import package as bundles
+    from edgekit import bundle as bundles
 
     _, art = hf_models["qwen2"]
     bundle = tmp_path / "qwen2.tar.gz"

@@ -21,8 +21,9 @@ import pytest
 from typer.testing import CliRunner
 
 from edgekit import api
-from edgekit import package as bundles
+from edgekit import bundle as bundles
 from edgekit.artifact import staging, write_manifest
+from edgekit.bundle import compat, deploy
 from edgekit.errors import EdgekitError
 
 PROMPT = "the edge"
@@ -389,7 +390,7 @@ def test_member_checks_also_guard_extraction(tmp_path, bundle):
         bad = with_member(bundle, tmp_path / "bad.tar.gz", name, None if attrs else b"x", **attrs)
         listed = {m.name: {} for m, _ in members_of(bad)}
         with pytest.raises(EdgekitError, match="bundles hold only regular files"):
-            bundles._extract(bad, tmp_path / "x", listed)
+            deploy._extract(bad, tmp_path / "x", listed)
         assert not (tmp_path / "evil.txt").exists()
 
 
@@ -523,8 +524,8 @@ def test_check_machine_on_a_jetson():
 
 
 def test_not_enough_memory_is_refused(cli, tmp_path, bundle, monkeypatch):
-    monkeypatch.setattr(bundles, "host_facts", lambda **kw: {"arch": "x86_64", "memory_bytes": 1 << 18,
-                                                             "jetson": False})
+    monkeypatch.setattr(compat, "host_facts", lambda **kw: {"arch": "x86_64", "memory_bytes": 1 << 18,
+                                                            "jetson": False})
     code, out, err = cli("install", bundle, "--dest", tmp_path / "dest", "--allow-unsigned")
     one_line_error(code, err, "memory 0.2 MiB (needs 0.5 MiB)")
     assert not (tmp_path / "dest").exists()
@@ -623,14 +624,14 @@ def test_install_extracts_the_bytes_it_verified(tmp_path, artifact, bundle, keys
     bundles.package(artifact, "cpu", evil, threshold=0.01, threads=1)  # the attacker's settings, unsigned
     target = tmp_path / "incoming.tar.gz"
     shutil.copy(bundle, target)
-    real = bundles._verify
+    real = deploy._verify  # install looks _verify up in edgekit.bundle.deploy
 
     def verify_then_swap(*args, **kwargs):
         result = real(*args, **kwargs)
         shutil.copy(evil, target)  # between the check and the extraction
         return result
 
-    monkeypatch.setattr(bundles, "_verify", verify_then_swap)
+    monkeypatch.setattr(deploy, "_verify", verify_then_swap)
     r = bundles.install(target, tmp_path / "dest", public_key=keys["public_key"])
     assert r["signature"].startswith("valid")
     installed = json.loads((tmp_path / "dest" / "bundle.json").read_text())

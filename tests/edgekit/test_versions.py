@@ -1,5 +1,5 @@
 """One version parser and one TensorRT/JetPack compatibility rule (edgekit.versions), and proof that
-`edgekit install` (package.check_machine) and `edgekit build-engine` (edgekit.engine.build_engine) now give
+`edgekit install` (edgekit.bundle.check_machine) and `edgekit build-engine` (edgekit.engine.build_engine) now give
 the same answer for the same installed version and targets -- they disagreed before (issue 13)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from edgekit import bundle as bundles
 from edgekit import engine
-from edgekit import package as bundles
 from edgekit.artifact import write_manifest
 from edgekit.errors import EdgekitError
 from edgekit.models import preset
