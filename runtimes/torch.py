@@ -3,7 +3,9 @@
 
 Options: dtype ("fp32" | "fp16" | "bf16"), device ("cpu" | "cuda" | "cuda:N"), threads (CPU intra-op).
 The KV-cache session keeps the cache as tensors on the device; only the last position's logits (and
-R1's executed flags) come back to the host each step, which also synchronises CUDA for timing.
+R1's executed flags) come back to the host each step, which also synchronises CUDA for timing. R1's cache is
+its model's RoutedCache: pre-allocated K/V buffers written in place plus the mean K of every completed block,
+so a decode step routes over the block summaries and reads only the selected blocks (no copy of the cache).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ class TorchSession(Session):
 
         self.runner, self.batch, self.length = runner, batch, 0
         model = runner.model
-        self.past = model.empty_past(batch, runner.device, runner.act_dtype)
+        # R1: a RoutedCache (K/V written in place, block summaries: a decode step reads k + 1 blocks, not the cache)
+        new_cache = getattr(model, "new_cache", None)
+        self.past = (new_cache or model.empty_past)(batch, runner.device, runner.act_dtype)
         self.thresholds = None
         if runner.spec.gated:
             thr = runner.cfg.default_threshold if thresholds is None else thresholds

@@ -3,10 +3,15 @@
 Attention: each query sees its own block (causally) plus the top-k earlier key blocks, ranked by
 q . mean(K of block) per head, with k = floor(log2(number of blocks up to the query)), so the
 attended positions grow O(n log n). Routing is per query (not per query block) so that cached
-decoding equals a full forward. The kernel (`routed_attention`) gathers only the selected blocks' K/V,
-in chunks of queries, so prefill memory is O(chunk x (k + 1) x block) and arithmetic O(n log n);
-`routed_allowed` + a dense softmax is the masked-dense oracle it is tested against
+decoding equals a full forward. Two exact kernels read only the selected blocks, in chunks of queries, so
+memory is O(chunk x (k + 1) x block) and arithmetic O(n log n) (`routed_attention`):
+- "blocks" (eager prefill, MoBA-style): the (query, head) pairs are grouped per key block into tiles, each tile one
+  small GEMM against its block's keys and values (the keys are read per tile, not copied per query);
+- "gather" (the exported graph, and eager decode): each query gathers its own + k routed blocks' K/V.
+`routed_allowed` + a dense softmax is the masked-dense oracle both are tested against
 (`R1.attention_impl = "dense"`). K/V may have fewer heads than Q (n_kv_heads, grouped-query attention).
+Generation keeps a RoutedCache (K/V written in place + the mean K of every completed block), so a decode step
+routes over n / block summaries and reads (k + 1) blocks of K/V, never the whole cache.
 
 Sharing: layer l runs block l % unique_blocks. Gates are per layer (cheap: one C-vector each).
 Selective activation: a gated layer computes its K/V and appends them to the cache outside the
@@ -17,6 +22,7 @@ attention + MLP. Under export that is torch.cond (ONNX If); in eager PyTorch a p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +31,11 @@ from torch import nn
 from edgekit.config import ModelConfig, route_k
 from edgekit.models.layers import Attention, Block, CausalLM, Past, relative_indices
 
-ATTENTION = "gather"  # default kernel for new R1 models: "gather" (sparse) or "dense" (the masked-dense oracle)
-QUERY_CHUNK = 64  # eager prefill: queries per chunk of the gather kernel (bounds its activation memory)
+ATTENTION = "blocks"  # default kernel of new R1 models: "blocks" (per key block, eager prefill), "gather" (per
+# query: the exported kernel, and eager decode) or "dense" (the masked-dense oracle); all three give the same results
+QUERY_CHUNK = 256  # eager: queries per chunk (activation memory O(chunk x H x (k + 1) x block))
+TILE = 32  # the blocks kernel: most (query, head) pairs per tile of one key block (one small GEMM per tile)
+GATHER_BELOW = 8  # eager: fewer new tokens (decode) use the gather kernel (the blocks kernel's setup costs more)
 
 
 def routed_allowed(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -63,34 +72,218 @@ def max_route_k(cfg: ModelConfig) -> int:
     return route_k(-(-cfg.max_seq_len // cfg.block_size))
 
 
-def routed_attention(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q: torch.Tensor, k_all: torch.Tensor,
-                     v_all: torch.Tensor, qpos: torch.Tensor, chunk: int | None = None,
-                     kmax: int | None = None) -> torch.Tensor:
-    """Gather-based routed attention, equal to the masked-dense oracle (routed_allowed + Attention.forward).
+@dataclass
+class KeyBlocks:
+    """The keys a routed kernel reads, as blocks. k/v [R, block, D]: row (b * Hkv + hk) * stride + j is block j of
+    K/V head hk of batch row b (positions past n_keys are zeros); means [B, Hkv, >= n_blocks, D] the routing keys
+    (mean K of each block; only complete blocks are ever read); n_blocks = ceil(n_keys / block)."""
 
-    x [B,S,C] normed input, q [B,H,S,D], k_all/v_all [B,Hkv,K,D], qpos [S] absolute positions (< K).
-    Each query ranks the complete earlier key blocks by q . mean(K of block), keeps the best
-    k = route_k(own block index + 1) of them (ties: lower block index), and attends to exactly those blocks
-    plus its own block (causally): the (kmax + 1) blocks are gathered, [B, H, C, kmax + 1, block, D] for a
-    chunk of C queries, so memory is O(C x (k + 1) x block), never O(S x K). The relative-position bias is
-    looked up for the gathered keys by their true distances. kmax: a fixed number of routed slots (masked
-    beyond each query's k); None = the exact maximum of the chunk (eager) or max_route_k (export).
-    """
-    b, h, s, d = q.shape
-    hkv, n_keys, bs = k_all.shape[1], k_all.shape[2], cfg.block_size
+    k: torch.Tensor
+    v: torch.Tensor
+    means: torch.Tensor
+    n_keys: int
+    n_blocks: int
+    stride: int
+
+
+def key_blocks(k_all: torch.Tensor, v_all: torch.Tensor, bs: int) -> KeyBlocks:
+    """KeyBlocks of a plain cache k_all/v_all [B, Hkv, K, D]: zero-padded to whole blocks, block means computed."""
+    b, hkv, n_keys, d = k_all.shape
     n_kb = (n_keys + bs - 1) // bs
     pad = n_kb * bs - n_keys
     kb = F.pad(k_all, (0, 0, 0, pad)).reshape(b, hkv, n_kb, bs, d)  # every key block
-    k_mean = attn.expand_kv(block_means(kb))  # [B, H, NB, D]
-    kb = kb.reshape(b * hkv * n_kb, bs, d)  # flat, for the gather
     vb = F.pad(v_all, (0, 0, 0, pad)).reshape(b * hkv * n_kb, bs, d)
-    g = torch.sigmoid(attn.relpos.gate(x)).transpose(1, 2)  # [B, H, S]
+    return KeyBlocks(kb.reshape(b * hkv * n_kb, bs, d), vb, block_means(kb), n_keys, n_kb, n_kb)
+
+
+class RoutedCache:
+    """R1's KV cache for step-by-step generation (the torch session's): per layer K/V buffers written in place (no
+    torch.cat copy of the whole cache per token; capacity grows by a quarter when full) and the block summary, the
+    mean K of every completed block, computed once when its block completes. A decode step then routes over
+    n / block summaries and reads only its (k + 1) blocks of K/V: O(n / block + k x block), not O(n).
+
+    The summary is the same reduction over the same keys as the full forward's block means (block_means), so cached
+    decoding equals a full forward. Pass it as `past` to R1.forward, which fills it and returns it as the presents;
+    `as_past()` gives the plain (k, v) list. The exported graph keeps plain past/present K/V (its present is a new
+    tensor anyway, so recomputing the means there costs the same order as the copy)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, device=None, dtype=None):
+        self.cfg, self.batch, self.device, self.dtype = cfg, batch, device, dtype or torch.float32
+        self.length = self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.means: list[torch.Tensor] = []
+
+    def reserve(self, n: int) -> None:
+        """Room for n positions (zeros past the written ones: padding keys are masked, padding values must be finite)"""
+        if n <= self.capacity:
+            return
+        cfg, bs = self.cfg, self.cfg.block_size
+        cap = -(-(n + max(4 * bs, n // 4)) // bs) * bs
+        shape = (self.batch, cfg.kv_heads, cap, cfg.head_dim)
+        mshape = (self.batch, cfg.kv_heads, cap // bs, cfg.head_dim)
+        for name, sh in (("k", shape), ("v", shape), ("means", mshape)):
+            new = []
+            for old in getattr(self, name) or [None] * cfg.n_layers:
+                t = torch.zeros(sh, device=self.device, dtype=self.dtype)
+                if old is not None:
+                    t[:, :, :old.shape[2]] = old
+                new.append(t)
+            setattr(self, name, new)
+        self.capacity = cap
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KeyBlocks:
+        """Store the new K/V [B, Hkv, S, D] after the `length` cached positions; summarise the blocks they complete."""
+        p, s, bs = self.length, k.shape[2], self.cfg.block_size
+        kbuf, vbuf = self.k[layer], self.v[layer]
+        kbuf[:, :, p:p + s] = k
+        vbuf[:, :, p:p + s] = v
+        j0, j1 = p // bs, (p + s) // bs  # blocks j0 .. j1 - 1 are complete now
+        b, hkv, cap, d = kbuf.shape
+        if j1 > j0:
+            self.means[layer][:, :, j0:j1] = block_means(kbuf[:, :, j0 * bs:j1 * bs].reshape(b, hkv, j1 - j0, bs, d))
+        n = p + s
+        return KeyBlocks(kbuf.view(b * hkv * (cap // bs), bs, d), vbuf.view(b * hkv * (cap // bs), bs, d),
+                         self.means[layer], n, -(-n // bs), cap // bs)
+
+    def keys(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+
+    def as_past(self) -> Past:
+        return [self.keys(i, self.length) for i in range(self.cfg.n_layers)]
+
+
+def _route(qc: torch.Tensor, kvb: KeyBlocks, qblk: torch.Tensor, km: int, expand, exporting: bool):
+    """Routed slots then the own block, [B, H, C, km + 1] block indices, and which slots are used (each query keeps
+    its best route_k(own block + 1) complete earlier blocks by q . block mean; ties to the lower block index)."""
+    b, h, c, _ = qc.shape
+    blocks = qblk.expand(b, h, -1)[..., None]  # own block [B, H, C, 1]
+    valid = torch.ones_like(blocks, dtype=torch.bool)
+    if km == 0:
+        return blocks, valid
+    k_mean = expand(kvb.means[:, :, :kvb.n_blocks])  # [B, H, NB, D]
+    route = qc @ k_mean.transpose(-1, -2)  # [B, H, C, NB]
+    eligible = torch.arange(kvb.n_blocks, device=qc.device)[None, :] < qblk[:, None]
+    route = route.masked_fill(~eligible, float("-inf"))
+    route = F.pad(route, (0, km), value=float("-inf"))  # at least km columns
+    if exporting:  # ONNX TopK breaks ties to the lower index, as the stable sort does
+        best, order = route.topk(km, dim=-1)
+    else:  # torch.topk documents no tie order
+        best, order = route.sort(dim=-1, descending=True, stable=True)
+        best, order = best[..., :km], order[..., :km]  # [B, H, C, km]
+    k_per_query = torch.log2((qblk + 1).float()).floor().clamp(min=1).long()
+    chosen = (torch.arange(km, device=qc.device) < k_per_query[:, None]) & (best > float("-inf"))
+    order = torch.where(chosen, order, blocks)  # unused slots point at the own block, masked
+    return torch.cat([order, blocks], -1), torch.cat([chosen, valid], -1)
+
+
+def _gather_chunk(attn: Attention, cfg: ModelConfig, kvb: KeyBlocks, qc, pos, gc, blocks, valid) -> torch.Tensor:
+    """Per query: gather its own + routed blocks' K/V, [B, H, C, J, block, D], and attend. -> [B, H, C, D]."""
+    b, h, c, d = qc.shape
+    bs, hkv = cfg.block_size, attn.n_kv_heads
+    heads = torch.arange(h, device=qc.device)
+    head_row = (torch.arange(b, device=qc.device)[:, None] * hkv + heads[None, :] // (h // hkv)) * kvb.stride
+    n_slots = blocks.shape[-1]
+    rows = (head_row[:, :, None, None] + blocks).reshape(-1)
+    kg = kvb.k.index_select(0, rows).view(b, h, c, n_slots, bs, d)  # [B, H, C, J, bs, D]: whole rows, memcpy
+    vg = kvb.v.index_select(0, rows).view(b, h, c, n_slots, bs, d)
+    kpos = blocks[..., None] * bs + torch.arange(bs, device=qc.device)  # [B, H, C, J, bs]
+    dist = pos[:, None, None] - kpos
+    allowed = valid[..., None] & (dist >= 0)  # routed blocks lie before the query; the own block causally
+    local_idx, global_idx = relative_indices(dist, cfg)
     local_tab = F.pad(attn.relpos.local, (0, 1)).reshape(-1)  # entry local_window = 0: beyond the window
     glob_tab = attn.relpos.glob.reshape(-1)
-    heads = torch.arange(h, device=q.device)
-    head_row = (torch.arange(b, device=q.device)[:, None] * hkv + heads[None, :] // (h // hkv)) * n_kb  # [B, H]
-    scale = 1.0 / math.sqrt(d)
+    row = heads[:, None, None, None]
+    gc = gc[..., None, None]
+    bias = gc * local_tab[row * (cfg.local_window + 1) + local_idx] + (1 - gc) * glob_tab[
+        row * cfg.n_global_buckets + global_idx]
+    scores = (kg.reshape(b, h, c, n_slots * bs, d) @ qc.unsqueeze(-1)).squeeze(-1) * (1.0 / math.sqrt(d))
+    scores = scores + bias.reshape(b, h, c, n_slots * bs)
+    scores = scores.masked_fill(~allowed.reshape(b, h, c, n_slots * bs), float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    return (p.unsqueeze(-2) @ vg.reshape(b, h, c, n_slots * bs, d)).squeeze(-2)  # [B, H, C, D]
+
+
+def _distance_tables(attn: Attention, cfg: ModelConfig, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, the local and global bias of every distance n_keys - 1 .. -(block - 1), as windows [H, n_keys,
+    block]: window w holds distances n_keys - 1 - w - t, t = 0 .. block - 1, so the key block that starts
+    `base` positions before a query reads window n_keys - 1 - base (a view: unfold, no copy)."""
+    bs = cfg.block_size
+    dist = torch.arange(n_keys - 1, -bs, -1, device=attn.relpos.local.device)  # n_keys - 1 .. -(block - 1)
+    local_idx, global_idx = relative_indices(dist, cfg)  # negative distances: clamped, masked later
+    local = F.pad(attn.relpos.local, (0, 1))[:, local_idx]  # [H, n_keys + bs - 1]
+    glob = attn.relpos.glob[:, global_idx]
+    return local.unfold(1, bs, 1), glob.unfold(1, bs, 1)
+
+
+def _blocks_chunk(attn: Attention, cfg: ModelConfig, kvb: KeyBlocks, qc, pos, gc, blocks, valid,
+                  tables) -> torch.Tensor:
+    """Per key block (MoBA-style): the (query, head) pairs that read a key block are grouped by block into tiles
+    of at most TILE pairs; each tile is one [TILE, D] x [D, block] GEMM against its block's keys (read once per
+    tile, not copied per query), the softmax runs over each query's own + routed blocks, and P x V is again one
+    GEMM per tile, summed back per query. -> [B, H, C, D]. Same keys, biases and mask as _gather_chunk."""
+    b, h, c, d = qc.shape
+    bs, hkv, n_slots = cfg.block_size, attn.n_kv_heads, blocks.shape[-1]
+    dev = qc.device
+    pair = valid.reshape(-1).nonzero().squeeze(1)  # used (b, h, query, slot) entries
+    bhc = torch.div(pair, n_slots, rounding_mode="floor")  # (b, h, query) row
+    hi = torch.div(bhc, c, rounding_mode="floor") % h
+    bi = torch.div(bhc, c * h, rounding_mode="floor")
+    blk = blocks.reshape(-1)[pair]
+    row = (bi * hkv + torch.div(hi, h // hkv, rounding_mode="floor")) * kvb.stride + blk  # K/V block row
+    row, order = row.sort(stable=True)
+    pair, bhc, hi, blk = pair[order], bhc[order], hi[order], blk[order]
+    rows, counts = torch.unique_consecutive(row, return_counts=True)
+    n_pairs, n_seg = pair.numel(), rows.numel()
+    tile = min(TILE, max(1, -(-n_pairs // n_seg)))
+    tiles_per = torch.div(counts + tile - 1, tile, rounding_mode="floor")
+    seg = torch.repeat_interleave(torch.arange(n_seg, device=dev), counts)
+    rank = torch.arange(n_pairs, device=dev) - (counts.cumsum(0) - counts)[seg]
+    t_idx = (tiles_per.cumsum(0) - tiles_per)[seg] + torch.div(rank, tile, rounding_mode="floor")
+    lane = rank % tile
+    tile_row = torch.repeat_interleave(rows, tiles_per)
+    n_tiles = tile_row.numel()
+    qt = qc.new_zeros(n_tiles, tile, d)
+    qt[t_idx, lane] = qc.reshape(-1, d)[bhc]
+    scores = (qt @ kvb.k.index_select(0, tile_row).transpose(1, 2))[t_idx, lane] * (1.0 / math.sqrt(d))  # [P, bs]
+    base = pos[bhc % c] - blk * bs  # distance to the block's first key
+    w = kvb.n_keys - 1 - base
+    local, glob = tables
+    gp = gc.reshape(-1)[bhc][:, None]
+    scores = scores + (gp * local[hi, w] + (1 - gp) * glob[hi, w])
+    scores = scores.masked_fill(torch.arange(bs, device=dev)[None, :] > base[:, None], float("-inf"))  # causal
+    full = scores.new_full((b * h * c * n_slots, bs), float("-inf"))
+    full[pair] = scores
+    prob = torch.softmax(full.view(b * h * c, n_slots * bs), dim=-1).view(-1, bs)
+    pt = qc.new_zeros(n_tiles, tile, bs)
+    pt[t_idx, lane] = prob[pair]
+    ot = (pt @ kvb.v.index_select(0, tile_row))[t_idx, lane]  # [P, D]
+    return qc.new_zeros(b * h * c, d).index_add_(0, bhc, ot).view(b, h, c, d)
+
+
+def routed_attention(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q: torch.Tensor, k_all, v_all,
+                     qpos: torch.Tensor, chunk: int | None = None, kmax: int | None = None,
+                     kernel: str = "gather", kvb: KeyBlocks | None = None) -> torch.Tensor:
+    """Routed attention, equal to the masked-dense oracle (routed_allowed + Attention.forward).
+
+    x [B,S,C] normed input, q [B,H,S,D], k_all/v_all [B,Hkv,K,D] (or kvb, their KeyBlocks, e.g. a RoutedCache's),
+    qpos [S] absolute positions (< K). Each query ranks the complete earlier key blocks by q . mean(K of block),
+    keeps the best k = route_k(own block index + 1) of them (ties: lower block index), and attends to exactly those
+    blocks plus its own block (causally). Queries run in chunks of `chunk`, so memory is O(chunk x (k + 1) x block),
+    never O(S x K). The relative-position bias is looked up for the read keys by their true distances.
+
+    kernel "gather": each query gathers its (kmax + 1) blocks, [B, H, C, kmax + 1, block, D] (the exported kernel:
+    one chunk, fixed kmax); "blocks": the pairs are grouped per key block (_blocks_chunk; eager only).
+    kmax: a fixed number of routed slots (masked beyond each query's k); None = the exact maximum of the chunk
+    (eager) or max_route_k (export).
+    """
+    b, h, s, d = q.shape
+    bs = cfg.block_size
+    kvb = kvb if kvb is not None else key_blocks(k_all, v_all, bs)
+    g = torch.sigmoid(attn.relpos.gate(x)).transpose(1, 2)  # [B, H, S]
     exporting = _exporting()
+    blocks_kernel = kernel == "blocks" and not exporting
+    tables = _distance_tables(attn, cfg, kvb.n_keys) if blocks_kernel else None
     chunk = s if exporting or not chunk else chunk
     outs = []
     for c0 in [0] if exporting else range(0, s, chunk):  # export: one chunk (no shape-dependent loop)
@@ -103,39 +296,11 @@ def routed_attention(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q: torc
             km = max_route_k(cfg)
         else:  # the exact maximum over the chunk; a query in block qb has qb earlier complete blocks
             km = min(route_k(int(qblk[-1]) + 1), int(qblk[-1]))
-        blocks = qblk.expand(b, h, -1)[..., None]  # own block [B, H, C, 1]
-        valid = torch.ones_like(blocks, dtype=torch.bool)
-        if km > 0:
-            route = qc @ k_mean.transpose(-1, -2)  # [B, H, C, NF]
-            eligible = torch.arange(n_kb, device=q.device)[None, :] < qblk[:, None]
-            route = route.masked_fill(~eligible, float("-inf"))
-            route = F.pad(route, (0, km), value=float("-inf"))  # at least km columns
-            if exporting:  # ONNX TopK breaks ties to the lower index, as the stable sort does
-                best, order = route.topk(km, dim=-1)
-            else:  # torch.topk documents no tie order
-                best, order = route.sort(dim=-1, descending=True, stable=True)
-                best, order = best[..., :km], order[..., :km]  # [B, H, C, km]
-            k_per_query = torch.log2((qblk + 1).float()).floor().clamp(min=1).long()
-            chosen = (torch.arange(km, device=q.device) < k_per_query[:, None]) & (best > float("-inf"))
-            order = torch.where(chosen, order, blocks)  # unused slots point at the own block, masked below
-            blocks, valid = torch.cat([order, blocks], -1), torch.cat([chosen, valid], -1)
-        n_slots = blocks.shape[-1]
-        kg = kb[head_row[:, :, None, None] + blocks]  # [B, H, C, J, bs, D]
-        vg = vb[head_row[:, :, None, None] + blocks]
-        kpos = blocks[..., None] * bs + torch.arange(bs, device=q.device)  # [B, H, C, J, bs]
-        dist = pos[:, None, None] - kpos
-        allowed = valid[..., None] & (dist >= 0)  # routed blocks lie before the query; the own block causally
-        local_idx, global_idx = relative_indices(dist, cfg)
-        row = heads[:, None, None, None]
-        gc = gc[..., None, None]
-        bias = gc * local_tab[row * (cfg.local_window + 1) + local_idx] + (1 - gc) * glob_tab[
-            row * cfg.n_global_buckets + global_idx]
-        c = qc.shape[2]
-        scores = (kg.reshape(b, h, c, n_slots * bs, d) @ qc.unsqueeze(-1)).squeeze(-1) * scale
-        scores = scores + bias.reshape(b, h, c, n_slots * bs)
-        scores = scores.masked_fill(~allowed.reshape(b, h, c, n_slots * bs), float("-inf"))
-        p = torch.softmax(scores, dim=-1)
-        outs.append((p.unsqueeze(-2) @ vg.reshape(b, h, c, n_slots * bs, d)).squeeze(-2))  # [B, H, C, D]
+        blocks, valid = _route(qc, kvb, qblk, km, attn.expand_kv, exporting)
+        if blocks_kernel:
+            outs.append(_blocks_chunk(attn, cfg, kvb, qc, pos, gc, blocks, valid, tables))
+        else:
+            outs.append(_gather_chunk(attn, cfg, kvb, qc, pos, gc, blocks, valid))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
     return attn.o(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -164,8 +329,13 @@ class R1(CausalLM):
         super().__init__(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.unique_blocks))
         self.gates = nn.ModuleDict({str(i): Gate(cfg) for i in cfg.gated_layers})
-        self.attention_impl = ATTENTION  # "gather" or "dense" (the oracle); same results
+        self.attention_impl = ATTENTION  # "blocks", "gather" or "dense" (the oracle); same results
         self.query_chunk = QUERY_CHUNK
+
+    def new_cache(self, batch: int = 1, device=None, dtype=None) -> RoutedCache:
+        """An empty RoutedCache (in-place K/V buffers + block summaries) to pass as `past` step after step."""
+        w = self.embed.weight
+        return RoutedCache(self.cfg, batch, device or w.device, dtype or w.dtype)
 
     def forward(self, input_ids: torch.Tensor, past: Past | None = None,
                 thresholds: torch.Tensor | None = None):
@@ -173,32 +343,44 @@ class R1(CausalLM):
         b, s = input_ids.shape
         dev = input_ids.device
         past = past if past is not None else self.empty_past(b, dev)
+        cache = past if isinstance(past, RoutedCache) else None
         thresholds = thresholds if thresholds is not None else self.default_thresholds().to(dev)
-        p = past[0][0].shape[2]
+        p = cache.length if cache is not None else past[0][0].shape[2]
+        if cache is not None:
+            cache.reserve(p + s)
         qpos = torch.arange(s, device=dev) + p  # absolute positions (R1's cache is never truncated)
-        dense = self.attention_impl == "dense"
+        impl = self.attention_impl
+        dense = impl == "dense"
         if dense:
             dist = qpos[:, None] - torch.arange(p + s, device=dev)[None, :]
             local_idx, global_idx = relative_indices(dist, cfg)
-        else:  # unused by the gather kernel (it looks up the gathered keys' distances itself)
+        else:  # unused by the routed kernels (they look up the read keys' distances themselves)
             local_idx = global_idx = qpos
+        kernel = "gather" if impl == "gather" or _exporting() or s < GATHER_BELOW else "blocks"  # no guard on seq
 
         h = self.embed(input_ids)
         presents, executed = [], []
         self.gate_scores: list[torch.Tensor] = []  # training: per-layer [B, S] scores for a compute penalty
-        for layer, (pk, pv) in enumerate(past):
+        for layer in range(cfg.n_layers):
             block = self.blocks[cfg.block_of(layer)]
             x = block.attn_norm(h)
             k, v = block.attn.kv(x)
-            k_all, v_all = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-            presents.append((k_all, v_all))
+            if cache is not None:
+                kvb = cache.write(layer, k, v)
+                k_all, v_all = cache.keys(layer, p + s)
+            else:
+                pk, pv = past[layer]
+                k_all, v_all = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+                presents.append((k_all, v_all))
+                kvb = None
 
-            def run(h, x, k_all, v_all, qpos, local_idx, global_idx, block=block):
+            def run(h, x, k_all, v_all, qpos, local_idx, global_idx, block=block, kvb=kvb):
                 q = block.attn.query(x)
                 if dense:
                     allowed = routed_allowed(q, block.attn.expand_kv(k_all), qpos, cfg.block_size)
                     return block.residual(h, x, q, k_all, v_all, allowed, local_idx, global_idx)
-                h = h + routed_attention(block.attn, cfg, x, q, k_all, v_all, qpos, self.query_chunk)
+                h = h + routed_attention(block.attn, cfg, x, q, k_all, v_all, qpos, self.query_chunk,
+                                         kernel=kernel, kvb=kvb)
                 return h + block.mlp(block.mlp_norm(h))
 
             gate = self.gates[str(layer)] if str(layer) in self.gates else None
@@ -221,6 +403,9 @@ class R1(CausalLM):
             elif bool(pred):
                 h = run(*operands)
             executed.append(pred)
+        if cache is not None:
+            cache.length = p + s
+            presents = cache
         return self.head(h), presents, torch.stack(executed)
 
 
