@@ -25,7 +25,9 @@ import math
 from dataclasses import dataclass
 from functools import cache
 
+from edgekit.config import route_k
 from edgekit.errors import EdgekitError, unknown_name
+from edgekit.families import family
 
 DEFAULT_CONTEXT = 4096  # tokens (prompt + generated); capped at the model's max_seq_len
 DEFAULT_BATCH = 1
@@ -128,7 +130,25 @@ class Shape:
 
     def kv_positions(self, context: int) -> int:
         """Positions the cache holds at `context` tokens: V3 stops at memory_len."""
-        return min(context, self.memory_len) if self.family == "v3" and self.memory_len > 0 else context
+        return min(context, self.memory_len) if self.segment_memory and self.memory_len > 0 else context
+
+    @property
+    def routed(self) -> bool:
+        """R1's block-sparse routed attention (the family registry says which family has it)."""
+        return family(self.family).routed
+
+    @property
+    def segment_memory(self) -> bool:
+        """V3's Transformer-XL segment memory: the cache stops at memory_len."""
+        return family(self.family).segment_memory
+
+    def keys_read(self, keys: int) -> int:
+        """Keys one query attends to when `keys` positions lie up to it: all of them, or for routed attention its
+        own block plus the k = route_k(blocks) best complete earlier blocks, (k + 1) x block at most."""
+        if not self.routed:
+            return keys
+        qb = (keys - 1) // self.block_size  # the query's block; qb complete blocks before it
+        return min(keys, (min(route_k(qb + 1), qb) + 1) * self.block_size)
 
 
 @cache
@@ -293,17 +313,16 @@ def activation_bytes(s: Shape, precision: str, kind: str, context: int, batch: i
     a = act_bytes(precision, kind)
     c, keys = max(_chunks(s, context), key=lambda ck: ck[0] * ck[1])
     hidden = c * (4 * s.d_model + 3 * s.d_ff) * a  # residual, normed x, q/k/v or attention out; MLP gate, up, product
-    scores = SCORE_COPIES * s.n_heads * c * keys * a
-    if s.family == "r1":
-        scores += s.n_heads * c * keys  # the routed bool mask, [B, H, S, K]
+    scores = SCORE_COPIES * s.n_heads * c * s.keys_read(keys) * a  # routed: [B, H, chunk, (k + 1) x block]
     logits = c * s.vocab * 4  # fp32 logits for the chunk
     return batch * (hidden + scores + logits)
 
 
 def _attention_flops(s: Shape, tokens: int, keys: int, layers: int) -> float:
-    """QK^T and PV over a dense [tokens x keys] matrix (R1's kernel is masked dense), plus R1's routing."""
-    flops = 2 * s.attn_per_key * tokens * keys * layers
-    if s.family == "r1":
+    """QK^T and PV of `tokens` queries over `keys` positions (routed: (k + 1) x block keys per query, counted at the
+    chunk's last query), plus the routing scores against every block's mean key."""
+    flops = 2 * s.attn_per_key * tokens * s.keys_read(keys) * layers
+    if s.routed:
         flops += 2 * s.d_model * tokens * math.ceil(keys / s.block_size) * layers
     return flops
 
@@ -409,7 +428,7 @@ def estimate(s: Shape, profile, precision: str, context: int, batch: int) -> dic
            "decode_tokens_per_s": round(batch / step, 2), "decode_bound": bound,
            "runtime": runtime_for(profile, precision),
            "compute_ceiling": how_compute, "bandwidth_ceiling": how_bandwidth}
-    if s.family == "r1" and s.gated_layers:
+    if s.routed and s.gated_layers:
         step_skip, _ = decode_step(s, profile, precision, context, batch, skip=SKIP_WHAT_IF)
         row["decode_tokens_per_s_if_60pct_skipped"] = round(batch / step_skip, 2)
     return row
@@ -484,9 +503,9 @@ def device_notes(profile) -> list[str]:
 
 def assumptions(s: Shape, profile, context: int, batch: int, defaulted: bool) -> list[str]:
     kv = (f"V3 keeps at most memory_len = {s.memory_len} positions per layer (Transformer-XL segment memory)"
-          if s.family == "v3" and s.memory_len else
+          if s.segment_memory and s.memory_len else
           f"R1 keeps every position in each of its {s.layers} layers (its {s.unique_blocks} shared blocks share "
-          "weights, not cache)" if s.family == "r1" else "every position is kept")
+          "weights, not cache)" if s.routed else "every position is kept")
     if s.kv_basis:
         kv = f"{kv}; {s.kv_basis}"
     if s.kv_alt_basis:
@@ -505,14 +524,15 @@ def assumptions(s: Shape, profile, context: int, batch: int, defaulted: bool) ->
         "tables stay at the activation dtype",
         f"KV cache in the activation dtype (fp16 on GPUs, fp32 on CPUs and for fp32); {kv}",
         f"activations: prefill in chunks of {PREFILL_CHUNK} tokens; peak = one layer's hidden and MLP tensors + "
-        f"{SCORE_COPIES} [batch, heads, chunk, keys] attention tensors (the exported graph materialises them) "
-        "+ the chunk's fp32 logits",
+        f"{SCORE_COPIES} [batch, heads, chunk, keys] attention tensors (the exported graph materialises them"
+        + ("; routed: keys = the (k + 1) x block a query reads" if s.routed else "") + ") + the chunk's fp32 logits",
         f"overhead: the device's reserve from its profile ({profile.reserved_gib:g} GiB: driver, CUDA context, "
         "OS, other processes); allocator fragmentation not modelled",
         f"prefill: the whole {context}-token context as the prompt, per chunk max(compute, weight + KV traffic); "
         f"compute at {COMPUTE_EFFICIENCY['datasheet']:.0%} of the datasheet dense peak or "
-        f"{COMPUTE_EFFICIENCY['measured']:.0%} of a measured GEMM; attention counted dense (the kernel is masked "
-        "dense, also for R1's routed blocks)",
+        f"{COMPUTE_EFFICIENCY['measured']:.0%} of a measured GEMM; attention "
+        + ("over each query's own + k routed blocks ((k + 1) x block keys) plus the routing against every block's "
+           "mean key" if s.routed else "counted dense"),
         f"decode: one token with a full cache, bandwidth at {BANDWIDTH_EFFICIENCY['datasheet']:.0%} of the "
         f"datasheet peak or {BANDWIDTH_EFFICIENCY['measured']:.0%} of a measured one; every executed layer reads "
         f"its weights once per step ({s.params_executed / 1e9:.2f} B for {s.name}) plus the whole KV cache",
@@ -531,7 +551,15 @@ def assumptions(s: Shape, profile, context: int, batch: int, defaulted: bool) ->
     if s.family.startswith("hf-"):
         out.append("Hugging Face config: parameters counted from config.json alone (no weights read); multi-token "
                    "prediction layers (num_nextn_predict_layers) are not loaded by transformers and not counted")
-    if s.family == "r1":
+    if s.routed:
+        c, keys = max(_chunks(s, context), key=lambda ck: ck[0] * ck[1])
+        kmax = route_k(-(-s.max_seq_len // s.block_size)) if s.max_seq_len else 0
+        head_dim = s.d_model // s.n_heads
+        gathered = 2 * s.n_heads * c * (kmax + 1) * s.block_size * head_dim * batch * 2
+        out.append(f"R1's exported graph gathers each query's blocks of K and V ({kmax} routed slots fixed by "
+                   f"max_seq_len + its own: 2 x [batch, heads, chunk, {kmax + 1} x {s.block_size}, {head_dim}], "
+                   f"{gathered / GIB:.2f} GiB in 16-bit for a {c}-token chunk), not counted above: the eager torch "
+                   "kernel groups queries per key block instead and holds only the scores")
         out.append("R1: every layer executes (gates open); selective activation skips attention + MLP of gated "
                    f"layers at run time, so decode can only be faster (the *_if_60pct_skipped column: "
                    f"{SKIP_WHAT_IF:.0%} of the {s.gated_layers} gated layers skipped, the brief's claim)")
