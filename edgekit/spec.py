@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgekit.config import ModelConfig
-from edgekit.families import is_gated
+from edgekit.families import family, is_gated
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,24 @@ class DecoderSpec:
     def value_dim(self) -> int:
         """Last dim of the value cache: head_dim, except where the config says otherwise (MLA's latent cache)."""
         return getattr(self.cfg, "value_dim", self.cfg.head_dim)
+
+    @property
+    def cache_heads(self) -> int:
+        """Heads in the KV cache tensors: the K/V heads (GQA: fewer than the query heads; an HFConfig's
+        n_heads already counts the K/V heads)."""
+        return getattr(self.cfg, "kv_heads", self.cfg.n_heads)
+
+    def cache_positions(self, tokens: int) -> int:
+        """Positions the cache holds after `tokens` tokens: V3's segment memory truncates it to memory_len."""
+        memory = getattr(self.cfg, "memory_len", 0)
+        return min(tokens, memory) if memory and family(self.cfg).segment_memory else tokens
+
+    def kv_bytes(self, batch: int, tokens: int, bytes_per_value: int = 4) -> int:
+        """The KV cache after `tokens` tokens: the one memory formula that the TensorRT recipe, profile's
+        up-front check and (tested equal) the plan use."""
+        cfg = self.cfg
+        per_position = cfg.n_layers * self.cache_heads * (cfg.head_dim + self.value_dim)
+        return batch * per_position * self.cache_positions(tokens) * bytes_per_value
 
     def past_names(self) -> list[str]:
         return [f"past.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
@@ -64,6 +82,5 @@ class DecoderSpec:
             feeds["thresholds"] = np.broadcast_to(np.asarray(thr, np.float32), (cfg.n_layers,)).copy()
         for n in self.past_names():
             dim = self.value_dim if n.endswith(".value") else cfg.head_dim
-            heads = getattr(cfg, "kv_heads", cfg.n_heads)  # the cache holds K/V heads (GQA: fewer than the queries)
-            feeds[n] = rng.standard_normal((batch, heads, past, dim)).astype(np.float32)
+            feeds[n] = rng.standard_normal((batch, self.cache_heads, past, dim)).astype(np.float32)
         return feeds

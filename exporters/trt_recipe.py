@@ -67,10 +67,11 @@ def check_precision(precision: str, profile) -> dict:
 def memory_need(cfg, batch: int, seq: int, past: int, io_bytes: int = 4) -> int:
     """Estimated device bytes one call needs beyond the weights: the past KV inputs and present outputs (fp32
     I/O) plus the largest activations (attention scores per head, logits, MLP)."""
-    heads, hd, layers = cfg.n_heads, cfg.head_dim, cfg.n_layers
-    keys = past + seq
-    present = min(keys, cfg.memory_len) if cfg.family == "v3" and cfg.memory_len else keys
-    kv = batch * layers * 2 * heads * hd * (past + present) * io_bytes
+    from edgekit.spec import DecoderSpec
+
+    spec = DecoderSpec(cfg)
+    heads, keys = cfg.n_heads, past + seq
+    kv = spec.kv_bytes(batch, past, io_bytes) + spec.kv_bytes(batch, keys, io_bytes)  # past in, present out
     per_token = (cfg.vocab_size + 3 * cfg.d_ff + 8 * cfg.d_model) * 4
     act = batch * (heads * seq * keys * ATTN_BYTES_PER_SCORE + seq * per_token)
     return kv + act

@@ -131,3 +131,23 @@ def test_one_family_registry_decides_gating_and_source():
 
     assert is_gated(dataclasses.replace(hf, gated_layers=(1,)))  # a calibrate-skip model
     assert family("r1").routed and family("v3").segment_memory
+
+
+@pytest.mark.parametrize("name", ["v3-mini", "r1-mini", "v3-13b", "r1-8.5b"])
+def test_one_kv_memory_formula_for_spec_recipe_profile_and_plan(name):
+    """The KV cache is computed once (DecoderSpec.kv_bytes) and the plan's Shape-based arithmetic agrees."""
+    from edgekit import plan
+    from edgekit.config import preset
+    from edgekit.spec import DecoderSpec
+    from exporters.trt_recipe import memory_need
+
+    cfg = preset(name)
+    spec = DecoderSpec(cfg)
+    for tokens in (1, 1000, 4096):
+        assert plan.kv_bytes(plan.shape(cfg), "fp32", "cpu", tokens, 2) == spec.kv_bytes(2, tokens)
+    # the recipe's past-in + present-out: both caches, with V3's segment memory truncating the present
+    assert memory_need(cfg, 1, 1, 99) - memory_need(cfg, 1, 1, 0) > 0
+    if cfg.memory_len:
+        assert spec.kv_bytes(1, 10 * cfg.memory_len) == spec.kv_bytes(1, cfg.memory_len)
+    else:
+        assert spec.kv_bytes(1, 2000) == 2 * spec.kv_bytes(1, 1000)

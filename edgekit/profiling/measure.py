@@ -65,13 +65,10 @@ def _check(prompt_len, new_tokens, batch, warmup, runs, requests, token_budget, 
 def estimate_bytes(cfg, batch: int, prompt_len: int, new_tokens: int) -> int:
     """A lower bound of what one measured run holds (fp32): the KV cache at full length, and the prefill's
     logits and hidden states. Enough to refuse a batch that cannot fit before any work starts."""
-    n_layers, heads = cfg.n_layers, getattr(cfg, "kv_heads", cfg.n_heads)
-    head_dim = cfg.head_dim
-    value_dim = getattr(cfg, "value_dim", head_dim)
-    length = prompt_len + new_tokens
-    kv = batch * length * n_layers * heads * (head_dim + value_dim)
+    from edgekit.spec import DecoderSpec
+
     prefill = batch * prompt_len * (cfg.vocab_size + 4 * cfg.d_model)
-    return 4 * (kv + prefill)
+    return DecoderSpec(cfg).kv_bytes(batch, prompt_len + new_tokens) + 4 * prefill
 
 
 def check_memory(cfg, batch: int, prompt_len: int, new_tokens: int, available: int | None = None) -> None:

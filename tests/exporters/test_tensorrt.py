@@ -400,9 +400,9 @@ def test_cli_refuses_int8_for_tensorrt_in_one_line(tmp_path):
     assert r.exit_code != 0 and "dynamic int8" in str(r.exception) and not (tmp_path / "x").exists()
 
 
-def fake_artifact(tmp_path, sm="8.7", versions=("10.3",)):
-    """A TensorRT artifact directory as export writes it, with a recipe for `sm` / `versions` (no ONNX needed:
-    the refusals come first)."""
+def fake_artifact(tmp_path, sm="8.7", versions=("10.3",), onnx: bool = False):
+    """A TensorRT artifact directory as export writes it, with a recipe for `sm` / `versions` (no real ONNX
+    needed: the refusals come first; `onnx` lists an empty model.onnx, since loading refuses unlisted files)."""
     from edgekit.artifact import write_manifest
 
     art = tmp_path / "art"
@@ -412,6 +412,8 @@ def fake_artifact(tmp_path, sm="8.7", versions=("10.3",)):
               "engine": "model.engine", "timing_cache": "timing.cache", "precision": "fp16",
               "tensorrt": {"versions": list(versions), "refused": {}}, "builder_flags": ["FP16"]}
     (art / tb.RECIPE_FILE).write_text(json.dumps(recipe))
+    if onnx:
+        (art / "model.onnx").write_bytes(b"")
     write_manifest(art, format="tensorrt", model="r1-tiny", precision="fp16")
     return art
 
@@ -443,8 +445,7 @@ def test_build_engine_refuses_another_sm_or_tensorrt_unless_forced(tmp_path, mon
     monkeypatch.setattr(engine, "tensorrt_environment", lambda: (None, "10.7.0", "8.0"))
     monkeypatch.setattr(engine, "build_from_recipe", fake_build)
     monkeypatch.setattr(engine, "_validate_engine_vs_onnx", lambda *a: {"passed": True})
-    art = fake_artifact(tmp_path)
-    (art / "model.onnx").write_bytes(b"")
+    art = fake_artifact(tmp_path, onnx=True)
     with pytest.raises(EdgekitError, match="TensorRT 10.7.0 here, recipe made for 10.3; GPU sm_80 here, recipe "
                                            "made for sm_87.*--force"):
         engine.build_engine(art)
