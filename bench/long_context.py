@@ -2,11 +2,13 @@
 
 Per (model, kernel, prompt length) in a fresh subprocess: prefill time of the whole prompt, peak RSS of the
 process (and RSS before the prefill: weights + torch), decode ms/token with that context (median of a few
-steps), and the (query, key) pairs one head of one layer attends to. R1 runs with the gather kernel ("after")
-and with the masked-dense oracle ("before", R1.attention_impl = "dense"), the same weights and results.
-Random weights (seeded): cost, not quality. Gates open (threshold 0), so every layer runs.
+steps), and the (query, key) pairs one head of one layer attends to. R1 kernels (R1.attention_impl), the same
+weights and results: "blocks" (per key block, decoding with the RoutedCache: in-place K/V + block summaries, what
+the torch session runs), "gather" (per query gather, decoding with a plain torch.cat cache: the previous state),
+"dense" (the masked-dense oracle). Random weights (seeded): cost, not quality. Gates open (threshold 0).
 
-    .venv/bin/python bench/long_context.py [--sizes 256,1024,2048,4096] [--dense-sizes 256,1024] [--decode 3]
+    .venv/bin/python bench/long_context.py [--sizes 256,1024,2048,4096] [--r1-kernels blocks,gather]
+        [--dense-sizes 256,1024] [--decode 5]
 
 Writes bench/results/long_context.json and long_context.png; records the machine and /proc/loadavg.
 """
@@ -57,9 +59,10 @@ def child(model_name: str, impl: str, n: int, decode: int) -> dict:
     thr = torch.zeros(cfg.n_layers)
     ids = torch.randint(0, 256, (1, n + decode), generator=torch.Generator().manual_seed(0))
     before = rss_mib()
+    past = model.new_cache(1) if cfg.family == "r1" and impl == "blocks" else None
     with torch.inference_mode():
         t0 = time.perf_counter()
-        _, past, _ = model(ids[:, :n], None, thr)
+        _, past, _ = model(ids[:, :n], past, thr)
         prefill = time.perf_counter() - t0
         steps = []
         for t in range(n, n + decode):
@@ -122,7 +125,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("R1-mini routed (gather) vs masked-dense oracle vs V3-mini, torch fp32, 1 thread")
+    fig.suptitle("R1-mini routed (blocks / gather) vs masked-dense oracle vs V3-mini, torch fp32, 1 thread")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -135,18 +138,20 @@ def ratios(rows: list[dict]) -> dict:
         return None
 
     out = {}
-    r1_4k, v3_4k = get("r1-mini", "gather", 4096, "peak_rss_mib"), get("v3-mini", "dense", 4096, "peak_rss_mib")
-    if r1_4k and v3_4k:
-        out["r1_vs_v3_peak_rss_at_4096 (target <= 0.6)"] = r1_4k / v3_4k
-    a, b = (
-        get("r1-mini", "gather", 1024, "prefill_ms_per_token"),
-        get("r1-mini", "gather", 4096, "prefill_ms_per_token"),
-    )
+    for kernel in ("blocks", "gather"):
+        r1_4k, v3_4k = get("r1-mini", kernel, 4096, "peak_rss_mib"), get("v3-mini", "dense", 4096, "peak_rss_mib")
+        if r1_4k and v3_4k:
+            out[f"{kernel}: r1_vs_v3_peak_rss_at_4096 (target <= 0.6)"] = r1_4k / v3_4k
+        key = "prefill_ms_per_token"
+        a, b = get("r1-mini", kernel, 1024, key), get("r1-mini", kernel, 4096, key)
+        if a and b:
+            out[f"{kernel}: r1_prefill_per_token_4096_vs_1024 (target <= 1.5)"] = b / a
+        a, b = get("r1-mini", kernel, 256, "decode_ms_per_token"), get("r1-mini", kernel, 4096, "decode_ms_per_token")
+        if a and b:
+            out[f"{kernel}: r1_decode_4096_vs_256 (target <= 1.25)"] = b / a
+    a, b = get("r1-mini", "gather", 4096, "prefill_s"), get("r1-mini", "blocks", 4096, "prefill_s")
     if a and b:
-        out["r1_prefill_per_token_4096_vs_1024 (target <= 1.5)"] = b / a
-    a, b = get("r1-mini", "gather", 256, "decode_ms_per_token"), get("r1-mini", "gather", 4096, "decode_ms_per_token")
-    if a and b:
-        out["r1_decode_4096_vs_256 (target <= 1.25)"] = b / a
+        out["r1 prefill at 4096, gather / blocks (same run)"] = a / b
     return out
 
 
@@ -155,7 +160,8 @@ def main() -> None:
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "KERNEL", "N"))
     ap.add_argument("--sizes", default="256,1024,2048,4096")
     ap.add_argument("--dense-sizes", default="256,1024", help="prompt lengths for R1's masked-dense oracle (slow)")
-    ap.add_argument("--decode", type=int, default=3)
+    ap.add_argument("--r1-kernels", default="blocks,gather", help="R1 kernels to run at every size")
+    ap.add_argument("--decode", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=400)
     args = ap.parse_args()
     if args.child:
@@ -164,7 +170,8 @@ def main() -> None:
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     dense_sizes = [int(s) for s in args.dense_sizes.split(",") if s]
-    plan = [("r1-mini", "gather", n) for n in sizes] + [("v3-mini", "dense", n) for n in sizes]
+    plan = [("r1-mini", k, n) for n in sizes for k in args.r1_kernels.split(",")]
+    plan += [("v3-mini", "dense", n) for n in sizes]
     plan += [("r1-mini", "dense", n) for n in dense_sizes]
     machine = {
         "cpu": platform.processor() or platform.machine(),
