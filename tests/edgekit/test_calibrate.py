@@ -82,8 +82,9 @@ def test_checkpoint_files_links_and_stats(qwen):
     d, data, gated, out, _ = qwen
     assert "wrote" in out and "2 gated layers" in out
     names = sorted(p.name for p in gated.iterdir())
-    assert names == ["config.json", "generation_config.json", "model.safetensors", "skip_gates.json",
+    assert names == ["config.json", "generation_config.json", "logs", "model.safetensors", "skip_gates.json",
                      "skip_gates.safetensors", "tokenizer.json"]
+    assert [p.name for p in (gated / "logs").iterdir()] == ["calibrate.log"]  # third-party output, not the terminal
     assert os.path.samefile(gated / "model.safetensors", d / "model.safetensors")  # hard link, no copy
     assert not [p for p in gated.parent.iterdir() if p.name.endswith(".partial")]
     stats = json.loads((gated / "skip_gates.json").read_text())
