@@ -14,7 +14,7 @@ step "models"
 $EK models
 step "generate with $MODEL in PyTorch"
 $EK generate "$MODEL" --prompt "sort 83751=" --max-new-tokens 12
-step "export $MODEL to ONNX, int8 dynamic (validated against PyTorch)"
+step "export $MODEL to ONNX, int8 (block int8 weights, int8 activations; validated against PyTorch)"
 $EK export "$MODEL" --format onnx --int8 --out "$OUT/onnx-int8" --force
 step "generate from the artifact in ONNX Runtime: gates open, then every gated layer skipped"
 $EK generate "$OUT/onnx-int8" --prompt "sort 83751=" --max-new-tokens 12 --threshold 0
@@ -29,4 +29,4 @@ step "package, verify, install and run a signed bundle"
 $EK package "$OUT/onnx-int8" --device cpu --sign-key "$OUT/keys/edgekit.key" --out "$OUT/$MODEL.tar.gz" --force
 $EK verify "$OUT/$MODEL.tar.gz" --public-key "$OUT/keys/edgekit.pub"
 $EK install "$OUT/$MODEL.tar.gz" --dest "$OUT/installed" --public-key "$OUT/keys/edgekit.pub" --force
-$EK run "$OUT/installed" --prompt "sort 83751=" --max-new-tokens 12
+$EK run "$OUT/installed" --public-key "$OUT/keys/edgekit.pub" --prompt "sort 83751=" --max-new-tokens 12
