@@ -193,7 +193,8 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
                                    precision=precision or ("int8" if int8 else "fp16"), min_cosine=min_cosine)
         else:
             fields = _export_onnx(res, model, tmp, int8, 0.99 if min_cosine is None else min_cosine, tolerance,
-                                  progress, text, 0.02 if max_ppl_increase is None else max_ppl_increase)
+                                  progress, text, 0.02 if max_ppl_increase is None else max_ppl_increase,
+                                  fidelity_data)
         log.close()  # complete before write_manifest hashes it
         manifest = write_manifest(tmp, model=res.name, family=res.cfg.family, source=str(res.path or res.name),
                                   **fields)
@@ -201,7 +202,7 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
 
 
 def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance: float, progress,
-                 text: tuple, max_ppl_increase: float = 0.02) -> dict:
+                 text: tuple, max_ppl_increase: float = 0.02, fidelity_data=None) -> dict:
     import shutil
 
     from edgekit import validate
@@ -246,7 +247,10 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
             with progress("checking int8 fidelity", n_cases) as advance:
                 report = validate.validate(reference, int8_runner, spec, tolerance=None, min_cosine=min_cosine,
                                            advance=advance, text=text[0], text_source=text[1])
-            if text[0] is not None:  # a real text: perplexity of both graphs on the same windows
+            # perplexity where the text is language the model predicts (the user's text, or English prose for a
+            # pretrained model); not for the task text of v3-ref/r1-ref, trained on answers only (their
+            # perplexity over prompts is ~1e4 and meaningless: bench/accuracy.py measures their fidelity)
+            if text[0] is not None and (fidelity_data is not None or is_hf(res.cfg)):
                 with progress("perplexity of the fp32 and int8 graphs on the fidelity text") as advance:
                     report["perplexity"] = validate.perplexity_gate(fp32_runner, int8_runner, spec, text[0],
                                                                     max_ppl_increase, text[1])
