@@ -16,6 +16,12 @@ On top of `infer` every runner offers the same three generation entry points:
 The base Session keeps the cache as numpy arrays and calls `infer` (works for every engine); an engine
 may override `session_impl` to keep the cache on its device (torch does, so that a CUDA run does not
 copy the whole cache to the host and back for every token).
+
+Chunked prefill (runner option `prefill_chunk`, `--prefill-chunk N`): a step of more than N tokens is fed
+through the KV cache in pieces of at most N, so a prefill's activations (hidden states, score tensors,
+logits) are bounded by N tokens, not the prompt. The logits equal one call's (the cache makes each piece
+see exactly the keys it would have seen); a gated model decides its gates once per call, so a chunked R1
+prefill decides them per piece (a layer counts as executed when any piece ran it). None: one call.
 """
 
 from __future__ import annotations
@@ -58,6 +64,35 @@ class Session:
         return out["logits"][:, -1], None if executed is None else np.asarray(executed).reshape(-1)
 
 
+class ChunkedSession:
+    """A session whose long steps (the prefill) go through the cache `chunk` tokens at a time."""
+
+    def __init__(self, inner: Session, chunk: int):
+        self.inner, self.chunk = inner, chunk
+
+    def __getattr__(self, name):  # length, batch, cache ... are the inner session's
+        return getattr(self.inner, name)
+
+    def step(self, ids) -> tuple[np.ndarray, np.ndarray | None]:
+        ids = self.inner.check(ids)
+        if ids.shape[1] <= self.chunk:
+            return self.inner.step(ids)
+        ran = None
+        for start in range(0, ids.shape[1], self.chunk):
+            logits, executed = self.inner.step(ids[:, start:start + self.chunk])
+            if executed is not None:
+                executed = np.asarray(executed).astype(bool)
+                ran = executed if ran is None else ran | executed
+        return logits, ran
+
+
+def check_prefill_chunk(chunk) -> int | None:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise EdgekitError(f"--prefill-chunk must be a whole number of at least 1, got {chunk!r}",
+                           "pass --prefill-chunk 1 or more, or leave it out (the prompt in one call)")
+    return chunk
+
+
 class Runner:
     name = "base"
 
@@ -65,6 +100,7 @@ class Runner:
         self.resolved = resolved
         self.cfg = resolved.cfg
         self.spec = DecoderSpec(self.cfg)
+        self.prefill_chunk = check_prefill_chunk(options.pop("prefill_chunk", None))
         self.options = options
         self.is_active = False
 
@@ -125,7 +161,8 @@ class Runner:
             raise EdgekitError(f"batch must be at least 1, got {batch}", "pass --batch 1 or more")
         if thresholds is not None and not self.spec.gated:
             thresholds = None  # V3 has no gates: nothing to pass
-        return self.session_impl(batch, thresholds)
+        sess = self.session_impl(batch, thresholds)
+        return ChunkedSession(sess, self.prefill_chunk) if self.prefill_chunk else sess
 
     def stepper(self, thresholds=None, batch: int = 1) -> Step:
         """A generation step with its own KV cache: first call prefill, later calls decode.

@@ -168,7 +168,7 @@ def read_installed(directory: str | Path, public_key: str | Path | None = None, 
 def run(target: str | Path, prompt: str, max_new_tokens: int = 16, public_key: str | Path | None = None,
         threshold: float | None = None, runtime: str | None = None, threads: int | None = None,
         temperature: float = 0.0, top_k: int = 0, seed: int = 0, force: bool = False, chat: bool = False,
-        allow_unsigned: bool = False) -> dict:
+        allow_unsigned: bool = False, prefill_chunk: int | None = None) -> dict:
     """Run an installed bundle, or verify and install a bundle file into a temporary directory and run it.
 
     The bundle's settings (runtime, threads, threshold) apply unless given here; chat=True answers `prompt`
@@ -185,7 +185,8 @@ def run(target: str | Path, prompt: str, max_new_tokens: int = 16, public_key: s
             dest = Path(td) / "bundle"
             install(target, dest, public_key=public_key, force=force, allow_unsigned=allow_unsigned)
             return {**run(dest, prompt, max_new_tokens, public_key, threshold, runtime, threads, temperature,
-                          top_k, seed, chat=chat, allow_unsigned=allow_unsigned), "bundle": str(target)}
+                          top_k, seed, chat=chat, allow_unsigned=allow_unsigned, prefill_chunk=prefill_chunk),
+                    "bundle": str(target)}
     if not target.is_dir():
         raise EdgekitError(f"{target} does not exist", "pass an installed bundle directory or a bundle file")
     manifest = read_installed(target, public_key, allow_unsigned)
@@ -198,7 +199,8 @@ def run(target: str | Path, prompt: str, max_new_tokens: int = 16, public_key: s
                            "upgrade edgekit on the device")
     s = manifest["settings"]
     # the bundle's thread count was chosen for its target device: never more than this machine's usable cores
-    options = {"threads": threads or (min(s["threads"], usable_cores()) if s.get("threads") else None)}
+    options = {"threads": threads or (min(s["threads"], usable_cores()) if s.get("threads") else None),
+               "prefill_chunk": prefill_chunk}
     result = generate(target, prompt, max_new_tokens=max_new_tokens,
                       threshold=threshold if threshold is not None else s.get("threshold"),
                       temperature=temperature, top_k=top_k, seed=seed, runtime=runtime or s.get("runtime"),

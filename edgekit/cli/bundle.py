@@ -15,6 +15,7 @@ from edgekit.cli.options import (
     Force,
     JsonOut,
     MaxNewTokens,
+    PrefillChunk,
     Prompt,
     PublicKey,
     Threshold,
@@ -96,6 +97,7 @@ def run_cmd(
     allow_unsigned: AllowUnsigned = False,
     threshold: Annotated[float | None, typer.Option("--threshold", callback=number("--threshold"),
                                                     help="Override the bundle's threshold.")] = None,
+    prefill_chunk: PrefillChunk = None,
     force: Annotated[bool, typer.Option("--force", help="Run a bundle file even if this machine does not "
                                                          "match its target.")] = False,
     as_json: JsonOut = False,
@@ -105,7 +107,8 @@ def run_cmd(
 
     one_of(prompt, chat, "run")
     r = bundles.run(target, prompt if chat is None else chat, max_new_tokens=max_new_tokens, public_key=public_key,
-                    threshold=threshold, force=force, chat=chat is not None, allow_unsigned=allow_unsigned)
+                    threshold=threshold, force=force, chat=chat is not None, allow_unsigned=allow_unsigned,
+                    prefill_chunk=prefill_chunk)
     render.emit(r, as_json, render.show_run)
 
 

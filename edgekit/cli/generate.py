@@ -12,6 +12,7 @@ from edgekit.cli.options import (
     Chat,
     JsonOut,
     MaxNewTokens,
+    PrefillChunk,
     Prompt,
     Seed,
     Target,
@@ -32,12 +33,14 @@ def generate(
     top_k: TopK = 0,
     seed: Seed = 0,
     runtime: Annotated[str | None, typer.Option(help="torch or onnxruntime (default: by artifact).")] = None,
+    prefill_chunk: PrefillChunk = None,
     as_json: JsonOut = False,
 ) -> None:
     """Generate text with a preset, checkpoint or exported artifact."""
     one_of(prompt, chat, "generate")
     r = api.generate(target, prompt if chat is None else chat, max_new_tokens=max_new_tokens, threshold=threshold,
-                     temperature=temperature, top_k=top_k, seed=seed, runtime=runtime, chat=chat is not None)
+                     temperature=temperature, top_k=top_k, seed=seed, runtime=runtime, chat=chat is not None,
+                     prefill_chunk=prefill_chunk)
     render.emit(r, as_json, render.show_generated)
 
 

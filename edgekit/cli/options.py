@@ -90,6 +90,10 @@ MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", callback=at_least
 Threshold = Annotated[float | None, typer.Option("--threshold", callback=number("--threshold"),
                                                  help="R1 skip threshold (all gates).")]
 
+PrefillChunk = Annotated[int | None, typer.Option("--prefill-chunk", callback=at_least(1, "--prefill-chunk"),
+                                                 help="Feed the prompt through the KV cache at most N tokens at a "
+                                                 "time (bounds prefill memory; same logits; default: one call).")]
+
 # bundles
 PublicKey = Annotated[Path | None, typer.Option("--public-key", help="ed25519 public key (edgekit.pub); "
                                                  "the bundle must then carry a valid signature.")]

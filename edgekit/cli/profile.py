@@ -12,6 +12,7 @@ from edgekit.cli.options import (
     Batch,
     JsonOut,
     NewTokens,
+    PrefillChunk,
     ProfRuntime,
     PromptLen,
     Provider,
@@ -50,6 +51,7 @@ def profile_cmd(
     device: TorchDevice = None,
     provider: Provider = None,
     threads: Threads = None,
+    prefill_chunk: PrefillChunk = None,
     seed: Annotated[int, typer.Option(callback=at_least(0, "--seed"),
                                       help="Seed of the prompts and the mixed workload.")] = 0,
     energy: Annotated[bool, typer.Option(help="Measure energy where the device reports power.")] = True,
@@ -63,7 +65,8 @@ def profile_cmd(
 
     r = profile(target, runtime, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, warmup=warmup, runs=runs,
                 threshold=threshold, sweep=sweep, workload=workload, batching=batching, requests=requests,
-                token_budget=token_budget, dtype=dtype, device=device, provider=provider, threads=threads, seed=seed,
+                token_budget=token_budget, dtype=dtype, device=device, provider=provider, threads=threads,
+                prefill_chunk=prefill_chunk, seed=seed,
                 energy=energy, out=out, plot=plot)
     render.emit(r, as_json, render.show_profile)
     if r["interrupted"]:

@@ -24,7 +24,8 @@ from edgekit.profiling.timing import Samples, gating, one_run, seeded_prompts, s
 REPORT_VERSION = 1
 WORKLOADS = ("single", "mixed")
 BATCHING = ("fixed", "dynamic", "both")
-RUNTIME_OPTIONS = {"torch": ("dtype", "device", "threads"), "onnxruntime": ("provider", "threads", "iobinding")}
+RUNTIME_OPTIONS = {"torch": ("dtype", "device", "threads", "prefill_chunk"),
+                   "onnxruntime": ("provider", "threads", "iobinding", "prefill_chunk")}
 
 
 def parse_thresholds(text: str | None) -> list[float] | None:
@@ -62,21 +63,23 @@ def _check(prompt_len, new_tokens, batch, warmup, runs, requests, token_budget, 
         raise EdgekitError(f"--token-budget must be positive, got {token_budget}", "pass --token-budget 1 or more")
 
 
-def estimate_bytes(cfg, batch: int, prompt_len: int, new_tokens: int) -> int:
+def estimate_bytes(cfg, batch: int, prompt_len: int, new_tokens: int, prefill_chunk: int | None = None) -> int:
     """A lower bound of what one measured run holds (fp32): the KV cache at full length, and the prefill's
-    logits and hidden states. Enough to refuse a batch that cannot fit before any work starts."""
+    logits and hidden states (of one chunk with --prefill-chunk). Enough to refuse a batch that cannot fit
+    before any work starts."""
     from edgekit.spec import DecoderSpec
 
-    prefill = batch * prompt_len * (cfg.vocab_size + 4 * cfg.d_model)
+    prefill = batch * min(prompt_len, prefill_chunk or prompt_len) * (cfg.vocab_size + 4 * cfg.d_model)
     return DecoderSpec(cfg).kv_bytes(batch, prompt_len + new_tokens) + 4 * prefill
 
 
-def check_memory(cfg, batch: int, prompt_len: int, new_tokens: int, available: int | None = None) -> None:
+def check_memory(cfg, batch: int, prompt_len: int, new_tokens: int, available: int | None = None,
+                 prefill_chunk: int | None = None) -> None:
     if available is None:
         import psutil
 
         available = psutil.virtual_memory().available
-    need = estimate_bytes(cfg, batch, prompt_len, new_tokens)
+    need = estimate_bytes(cfg, batch, prompt_len, new_tokens, prefill_chunk)
     if need > available:
         raise EdgekitError(f"--batch {batch} x {prompt_len + new_tokens} tokens needs at least {need / 2**30:.1f} GiB "
                            f"(KV cache and prefill logits), this machine has {available / 2**30:.1f} GiB available",
@@ -115,7 +118,8 @@ def profile(target: str | Path, runtime: str | None = None, *, prompt_len: int =
             sweep: list[float] | str | None = None, workload: str = "single", batching: str = "both",
             requests: int = 16, token_budget: int | None = None, dtype: str | None = None,
             device: str | None = None, provider: str | None = None, threads: int | None = None,
-            iobinding: bool | None = None, seed: int = 0, roofline: bool = True, energy: bool = True,
+            iobinding: bool | None = None, prefill_chunk: int | None = None, seed: int = 0,
+            roofline: bool = True, energy: bool = True,
             out: str | Path | None = None, plot: str | Path | None = None, show_progress: bool = True) -> dict:
     """Measure `target` on this machine; returns the report (README.md documents every field)."""
     from edgekit import device as devices
@@ -127,7 +131,7 @@ def profile(target: str | Path, runtime: str | None = None, *, prompt_len: int =
     devices.check_threads(threads)
     sweep = parse_thresholds(sweep) if isinstance(sweep, str) else sweep
     runner, _, source = open_profiled_runner(target, runtime, dtype=dtype, device=device, provider=provider,
-                                             threads=threads, iobinding=iobinding)
+                                             threads=threads, iobinding=iobinding, prefill_chunk=prefill_chunk)
     res, cfg = runner.resolved, runner.cfg
     if not runner.spec.gated and (threshold is not None or sweep):
         raise EdgekitError(f"--threshold/--sweep-threshold apply to gated models (R1, calibrate-skip); {cfg.name} "
@@ -136,7 +140,7 @@ def profile(target: str | Path, runtime: str | None = None, *, prompt_len: int =
     if longest + new_tokens > cfg.max_seq_len:
         raise EdgekitError(f"prompt ({longest}) + new tokens ({new_tokens}) exceed the context ({cfg.max_seq_len})",
                            "lower --prompt-len or --new-tokens")
-    check_memory(cfg, batch, longest, new_tokens)
+    check_memory(cfg, batch, longest, new_tokens, prefill_chunk=prefill_chunk)
     info = devices.identify()
     on_gpu = str(device or "").startswith("cuda") or (provider or "cpu") != "cpu"
     info["runs_on_gpu"] = on_gpu
@@ -148,7 +152,7 @@ def profile(target: str | Path, runtime: str | None = None, *, prompt_len: int =
                    **({"exported_artifact": str(target)} if source else {})},
         "settings": {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "warmup": warmup,
                      "runs": runs, "threshold": thr if runner.spec.gated else None, "seed": seed,
-                     "workload": workload},
+                     "workload": workload, "prefill_chunk": prefill_chunk},
         "device": info, "interrupted": False,
     }
     prompts = seeded_prompts(batch, prompt_len, cfg.vocab_size, seed)

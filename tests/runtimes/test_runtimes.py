@@ -175,3 +175,56 @@ def test_onnxruntime_gpu_provider(provider, onnx_r1_tiny):
         a, _ = run_session(cpu, 0.5)
         b, _ = run_session(gpu, 0.5)
     np.testing.assert_allclose(a, b, atol=1e-2)
+
+
+def chunked_vs_one_call(one, chunked, prompt, thresholds=None, steps: int = 3):
+    """Prefill `prompt` in one call on `one` and in chunks on `chunked`, then greedy decode on both:
+    the largest logit difference over all steps, the executed flags of both prefills, and the chunk calls."""
+    a, b = one.session(prompt.shape[0], thresholds), chunked.session(prompt.shape[0], thresholds)
+    calls = []
+    inner_step = b.inner.step
+    b.inner.step = lambda ids: calls.append(ids.shape[1]) or inner_step(ids)
+    la, ea = a.step(prompt)
+    lb, eb = b.step(prompt)
+    diff = [np.abs(la - lb).max()]
+    for _ in range(steps):
+        tok = la.argmax(-1)[:, None]
+        la, _ = a.step(tok)
+        lb, _ = b.step(tok)
+        diff.append(np.abs(la - lb).max())
+    assert a.length == b.length == prompt.shape[1] + steps
+    return max(diff), (ea, eb), calls
+
+
+@pytest.mark.parametrize("name, length, chunk, thresholds", [
+    ("v3-tiny", 700, 128, None),  # past v3-tiny's 512-token segment memory: the chunks cross it
+    ("r1-tiny", 300, 40, -1e9),   # every gate runs
+    ("r1-tiny", 300, 40, [0.0, 2.0, 0.0, 2.0]),  # a skip pattern (the gates decide per call, here alike per chunk)
+])
+def test_chunked_prefill_matches_one_call_torch(name, length, chunk, thresholds):
+    prompt = np.random.default_rng(3).integers(0, 256, (2, length), dtype=np.int64)
+    with open_runner(name, "torch") as one, open_runner(name, "torch", prefill_chunk=chunk) as chunked:
+        diff, (ea, eb), calls = chunked_vs_one_call(one, chunked, prompt, thresholds)
+    assert calls == [chunk] * (length // chunk) + [length % chunk] + [1] * 3
+    assert diff <= 1e-5
+    assert (ea is None and eb is None) if name.startswith("v3") else np.array_equal(ea, eb)
+    if thresholds == [0.0, 2.0, 0.0, 2.0]:
+        assert not eb.all()  # something was skipped
+
+
+@pytest.mark.parametrize("fixture", ["onnx_v3_tiny", "onnx_r1_tiny"])
+def test_chunked_prefill_matches_one_call_onnxruntime(fixture, request):
+    art = request.getfixturevalue(fixture)
+    thresholds = -1e9 if fixture.startswith("onnx_r1") else None
+    prompt = np.random.default_rng(4).integers(0, 256, (1, 600), dtype=np.int64)
+    with open_runner(art, "onnxruntime") as one, open_runner(art, "onnxruntime", prefill_chunk=100) as chunked:
+        diff, (ea, eb), calls = chunked_vs_one_call(one, chunked, prompt, thresholds)
+    assert calls == [100] * 6 + [1] * 3
+    assert diff <= 1e-4 and (ea is None or np.array_equal(ea, eb))
+
+
+def test_prefill_chunk_is_checked():
+    with pytest.raises(EdgekitError, match="--prefill-chunk"):
+        open_runner("v3-tiny", "torch", prefill_chunk=0)
+    with open_runner("v3-tiny", "torch", prefill_chunk=None) as r:
+        assert isinstance(r.session(1), Session)  # default: the prompt in one call
