@@ -56,6 +56,8 @@ TASKS = {
 }
 SELECT_MODELS = {"v3": "v3-13b", "r1": "r1-8.5b"}
 RULE_MEMORY_GB = 24
+BRIEF_CONTEXT, BRIEF_PRECISION = 5000, "fp16"  # the brief: R1 uses ~42% less memory than V3 at 5K tokens
+BRIEF_R1_SAVING = 0.42
 
 
 # the arithmetic ---------------------------------------------------------------------------------
@@ -426,7 +428,24 @@ def plan(model, device: str, precision: str | None = None, context: int | None =
         result["recommended_precision"] = None
     result["device_notes"] = device_notes(profile)
     result["assumptions"] = assumptions(s, profile, context, batch, defaulted)
+    if s.name in SELECT_MODELS.values():  # the full-size presets: the brief's memory claim, checked
+        result["r1_vs_v3_memory"] = r1_vs_v3_memory(profile)
     return result
+
+
+def r1_vs_v3_memory(profile, precision: str = BRIEF_PRECISION, context: int = BRIEF_CONTEXT,
+                    batch: int = DEFAULT_BATCH) -> dict:
+    """r1-8.5b vs v3-13b total memory (memory_gib) at the brief's 5,000 tokens, same precision, on `profile`,
+    beside the brief's claim that R1 uses ~42% less."""
+    v3, r1 = (memory_gib(shape(SELECT_MODELS[f]), profile, precision, context, batch)["total_gib"]
+              for f in ("v3", "r1"))
+    saving = 1 - r1 / v3
+    return {"context": context, "precision": precision, "batch": batch,
+            "v3_gib": round(v3, 3), "r1_gib": round(r1, 3),
+            "ratio": round(r1 / v3, 4), "saving": round(saving, 4), "brief_saving": BRIEF_R1_SAVING,
+            "line": f"R1 vs V3 at {context:,} tokens, {precision}: {SELECT_MODELS['r1']} {r1:.1f} GiB vs "
+                    f"{SELECT_MODELS['v3']} {v3:.1f} GiB total, {saving:.1%} less (ratio {r1 / v3:.3f}); the brief "
+                    f"claims ~{BRIEF_R1_SAVING:.0%} less"}
 
 
 # select ----------------------------------------------------------------------------------------
@@ -519,6 +538,7 @@ def select(device: str, task: str, context: int | None = None, batch: int = DEFA
         "choice": SELECT_MODELS[choice] if choice else None,
         "precision": best[choice]["precision"] if choice else None,
         "explanation": explanation, "disagreement": notes[0] if not agree else None, "notes": notes,
+        "r1_vs_v3_memory": r1_vs_v3_memory(profile),
     }
     if choice is None:
         alternatives = would_fit(r1, profile, context, batch)

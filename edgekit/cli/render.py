@@ -181,6 +181,8 @@ def show_plan(r: dict) -> None:
                       f"token ({kv['decompressed']['basis']})", markup=False, highlight=False)
     console.print(table_of(rows, [c for c in short.values() if c in rows[0]]))
     console.print(f"[bold]recommendation:[/bold] {r['recommendation']}", highlight=False)
+    if "r1_vs_v3_memory" in r:
+        console.print(r["r1_vs_v3_memory"]["line"], markup=False, highlight=False)
     for title, lines in (("device", r["device_notes"]), ("assumptions", r["assumptions"])):
         console.print(f"[bold]{title}:[/bold]")
         for line in lines:
@@ -195,6 +197,8 @@ def show_select(r: dict) -> None:
                   f"numbers: {r['numbers']['because']})", highlight=False)
     for line in r["explanation"] + r["notes"] + r["assumptions"]:
         console.print(f"  - {line}", markup=False, highlight=False)
+    if "r1_vs_v3_memory" in r:
+        console.print(r["r1_vs_v3_memory"]["line"], markup=False, highlight=False)
 
 
 # profile, compare ---------------------------------------------------------------------------------

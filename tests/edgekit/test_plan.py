@@ -342,3 +342,33 @@ def test_cli_plan_of_a_hf_directory(hf_dirs):
     (bad / "config.json").write_text(json.dumps({k: v for k, v in DEEPSEEK_V3.items() if k != "kv_lora_rank"}))
     result = runner.invoke(app, ["plan", str(bad), "--device", "a100-80gb"])
     assert result.exit_code == 1 and "kv_lora_rank" in str(result.exception)
+
+
+# the brief's "-42 % memory at 5K tokens" -------------------------------------------------------
+def test_r1_vs_v3_memory_at_5k_tokens_beside_the_brief():
+    """r1-8.5b vs v3-13b total memory at 5,000 tokens, fp16, from plan's own memory_gib: in plan (full-size
+    presets) and select, --json and one rendered line. On a100-40gb R1 needs 39.6% less, the brief says ~42%."""
+    a100 = profiles.load("a100-40gb")
+    v3 = P.memory_gib(P.shape("v3-13b"), a100, "fp16", 5000, 1)["total_gib"]
+    r1 = P.memory_gib(P.shape("r1-8.5b"), a100, "fp16", 5000, 1)["total_gib"]
+    m = P.r1_vs_v3_memory(a100)
+    assert {k: m[k] for k in ("context", "precision", "batch", "brief_saving")} == \
+        {"context": 5000, "precision": "fp16", "batch": 1, "brief_saving": 0.42}
+    assert (m["v3_gib"], m["r1_gib"]) == (round(v3, 3), round(r1, 3))
+    assert (m["ratio"], m["saving"]) == (round(r1 / v3, 4), round(1 - r1 / v3, 4))
+    assert m["saving"] == 0.3963  # the measured saving today: 2.4 points short of the brief's ~42%
+    assert m["line"] == (f"R1 vs V3 at 5,000 tokens, fp16: r1-8.5b {r1:.1f} GiB vs v3-13b {v3:.1f} GiB total, "
+                         f"{1 - r1 / v3:.1%} less (ratio {r1 / v3:.3f}); the brief claims ~42% less")
+
+    assert P.plan("r1-8.5b", "a100-40gb")["r1_vs_v3_memory"] == m
+    assert P.plan("v3-13b", "a100-40gb", precision="int8")["r1_vs_v3_memory"] == m  # always fp16, both models
+    assert "r1_vs_v3_memory" not in P.plan("v3-mini", "a100-40gb")
+    assert P.select("a100-40gb", "chat")["r1_vs_v3_memory"] == m
+    nano = P.select("jetson-orin-nano-8gb", "chat")["r1_vs_v3_memory"]  # the device's reserve differs
+    assert nano == P.r1_vs_v3_memory(profiles.load("jetson-orin-nano-8gb")) and nano["saving"] != m["saving"]
+
+    for args in (["plan", "r1-8.5b", "--device", "a100-40gb"], ["plan", "--select", "--device", "a100-40gb",
+                                                                 "--task", "chat"]):
+        shown = runner.invoke(app, args)
+        assert shown.exit_code == 0 and " ".join(m["line"].split()) in " ".join(shown.output.split())
+        assert json.loads(runner.invoke(app, [*args, "--json"]).output)["r1_vs_v3_memory"] == m
