@@ -180,8 +180,8 @@ def main() -> None:
                                 for m in ("v3-mini", "r1-mini")},
         "r1_skip_curve_decode_ms": {f: d[f"r1-mini fp32 skip {f:.0%}"] for f in skip_fracs},
         "r1_half_skip_fraction_of_ideal_saving": round((all_run - half) / ideal_half_saving, 3),
-        "if_overhead_when_nothing_skipped": round(all_run / d["r1-mini fp32 no gates skip 0%"] - 1, 4),
-        "if_overhead_without_hoisting": round(d["r1-mini fp32 unhoisted skip 0%"] / d["r1-mini fp32 no gates skip 0%"]
+        "if_overhead_when_nothing_skipped": round(all_run / d["r1-mini fp32 no gates"] - 1, 4),
+        "if_overhead_without_hoisting": round(d["r1-mini fp32 unhoisted skip 0%"] / d["r1-mini fp32 no gates"]
                                               - 1, 4),
     }
     try:
@@ -214,7 +214,7 @@ def plot(result: dict, path: Path) -> None:
     curve = result["r1_skip_curve_decode_ms"]
     xs = [float(x) for x in curve]
     b.plot([100 * x for x in xs], list(curve.values()), "o-", label="R1 with If gates")
-    b.axhline(lat["r1-mini fp32 no gates skip 0%"]["decode_ms"], color="gray", ls="--", label="same weights, no gates")
+    b.axhline(lat["r1-mini fp32 no gates"]["decode_ms"], color="gray", ls="--", label="same weights, no gates")
     b.set_xlabel("gated layers skipped (%)")
     b.set_ylabel("decode ms / token")
     b.set_title("r1-mini: decode latency vs layers skipped")
