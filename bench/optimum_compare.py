@@ -36,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_model import OrtLM  # noqa: E402  (stdlib + numpy only at import)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CREATE = ("python3.11 -m venv .venv-optimum && .venv-optimum/bin/pip install -r bench/requirements-optimum.txt")
@@ -179,76 +182,7 @@ def node_counts(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------- ONNX Runtime, each graph through its own I/O
-
-class OrtLM:
-    """A decoder graph with a KV cache, whatever its I/O names: edgekit's (input_ids, past.i.key/value ->
-    logits, present.i.key/value) or optimum's (+ attention_mask, position_ids, past_key_values.i.key/value)."""
-
-    def __init__(self, path: Path, threads: int = 1):
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.path = path
-        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.sess.get_inputs()}
-        self.outputs = [o.name for o in self.sess.get_outputs()]
-        self.pairs = []
-        for name in self.inputs:
-            for prefix in ("past_key_values.", "past."):
-                if name.startswith(prefix):
-                    present = "present." + name[len(prefix):]
-                    if present not in self.outputs:
-                        raise SystemExit(f"{path}: input {name} has no output {present}")
-                    self.pairs.append((name, present))
-        known = {"input_ids", "attention_mask", "position_ids", *(p for p, _ in self.pairs)}
-        if set(self.inputs) - known:
-            raise SystemExit(f"{path}: unexpected inputs {sorted(set(self.inputs) - known)}")
-
-    def empty(self) -> dict:
-        cache = {}
-        for name, _ in self.pairs:
-            shape = self.inputs[name].shape
-            dims = [1, shape[1], 0, shape[3]]
-            if not all(isinstance(x, int) for x in dims):
-                raise SystemExit(f"{self.path}: cannot size an empty cache for {name} {shape}")
-            cache[name] = np.zeros(dims, np.float32)
-        return cache
-
-    def io_names(self) -> dict:
-        return {"inputs": list(self.inputs), "outputs": self.outputs}
-
-    def run(self, ids: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
-        """ids [1, S] int64 -> (logits [S, V], new cache)."""
-        past = next(iter(cache.values())).shape[2] if cache else 0
-        s = ids.shape[1]
-        feeds = {"input_ids": ids, **cache}
-        if "attention_mask" in self.inputs:
-            feeds["attention_mask"] = np.ones((1, past + s), np.int64)
-        if "position_ids" in self.inputs:
-            feeds["position_ids"] = np.arange(past, past + s, dtype=np.int64)[None]
-        out = dict(zip(self.outputs, self.sess.run(self.outputs, feeds)))
-        return out["logits"][0], {p: out[q] for p, q in self.pairs}
-
-    def greedy(self, prompt: list[int], n: int) -> list[int]:
-        logits, cache = self.run(np.array([prompt], np.int64), self.empty())
-        toks = []
-        for _ in range(n):
-            toks.append(int(logits[-1].argmax()))
-            logits, cache = self.run(np.array([[toks[-1]]], np.int64), cache)
-        return toks
-
-    def teacher_forced(self, seq: np.ndarray, prefix: int) -> np.ndarray:
-        """Logits for every position of `seq`: prefill `prefix` tokens, then one decode step per token."""
-        logits, cache = self.run(seq[None, :prefix], self.empty())
-        rows = [logits]
-        for t in range(prefix, len(seq)):
-            step, cache = self.run(seq[None, t:t + 1], cache)
-            rows.append(step)
-        return np.concatenate(rows)
-
+# (real_model.OrtLM: one runner for edgekit's, optimum's and ORT-GenAI's decoder graphs)
 
 def timing(lm: OrtLM, vocab: int) -> dict:
     """Prefill of PROMPT tokens, then the median decode step on that cache, batch 1: wall seconds and the

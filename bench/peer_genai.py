@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_model import OrtLM, nll_of, serve  # noqa: E402  (stdlib + numpy only at import)
+from real_model import OrtLM, serve, windows_nll  # noqa: E402  (stdlib + numpy only at import)
 
 
 def main() -> None:
@@ -66,12 +66,7 @@ def main() -> None:
         return res
 
     def ppl(windows):
-        nll, argmax = 0.0, []
-        for w in windows:
-            s, a = nll_of(graph.window_logits(w), np.array(w))
-            nll += s
-            argmax.append(a)
-        return {"nll": nll, "argmax": argmax}
+        return windows_nll(graph.window_logits, windows)
 
     import importlib.metadata as m
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_model import nll_of, serve  # noqa: E402  (stdlib + numpy only at import)
+from real_model import serve, windows_nll  # noqa: E402  (stdlib + numpy only at import)
 
 CTX = 512
 
@@ -61,15 +61,12 @@ def main() -> None:
             scorer = llama_cpp.Llama(model_path=path, n_ctx=max(CTX, n), n_batch=max(CTX, n), n_ubatch=max(CTX, n),
                                      n_threads=max(threads), n_threads_batch=max(threads), logits_all=True,
                                      verbose=False, seed=0)
-        nll, argmax = 0.0, []
-        for w in windows:
+        def logits_of(w):
             scorer.reset()
             scorer.eval(w)
-            logits = np.array(scorer.scores[:len(w)], np.float32)
-            s, a = nll_of(logits, np.array(w))
-            nll += s
-            argmax.append(a)
-        return {"nll": nll, "argmax": argmax}
+            return np.array(scorer.scores[:len(w)], np.float32)
+
+        return windows_nll(logits_of, windows)
 
     serve({"info": lambda: {"load_s": load, "versions": {"llama-cpp-python": llama_cpp.__version__}},
            "speed": speed, "ppl": ppl})

@@ -102,10 +102,21 @@ def nll_of(logits: np.ndarray, ids: np.ndarray) -> tuple[float, list[int]]:
     return float((lse - x[np.arange(len(x)), ids[1:]]).sum()), x.argmax(-1).tolist()
 
 
+def windows_nll(logits_of, windows) -> dict:
+    """Summed NLL and per-window argmax over token windows; logits_of(window) -> [len(window), V]. The one loop
+    every variant's perplexity goes through (edgekit, the peers' workers, the transformers reference)."""
+    nll, argmax = 0.0, []
+    for w in windows:
+        s, a = nll_of(logits_of(w), np.array(w))
+        nll += s
+        argmax.append(a)
+    return {"nll": nll, "argmax": argmax}
+
+
 class OrtLM:
     """A decoder ONNX graph with a KV cache, whatever its I/O names: edgekit's (input_ids, past.i.key/value ->
-    logits, present.i.key/value) or ONNX Runtime GenAI's builder's (+ attention_mask, optional position_ids,
-    past_key_values.i.key/value)."""
+    logits, present.i.key/value), ONNX Runtime GenAI's builder's or optimum's (+ attention_mask, optional
+    position_ids, past_key_values.i.key/value). bench/optimum_compare.py uses it too."""
 
     def __init__(self, path: Path, threads: int = 1, head_size: int | None = None):
         import onnxruntime as ort
@@ -161,6 +172,26 @@ class OrtLM:
             raise RuntimeError(f"{self.path.name} returns logits for {len(logits)} of {len(ids)} positions")
         return logits
 
+    def io_names(self) -> dict:
+        return {"inputs": list(self.inputs), "outputs": self.outputs}
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        logits, cache = self.run(np.array([prompt], np.int64), self.empty())
+        toks = []
+        for _ in range(n):
+            toks.append(int(logits[-1].argmax()))
+            logits, cache = self.run(np.array([[toks[-1]]], np.int64), cache)
+        return toks
+
+    def teacher_forced(self, seq: np.ndarray, prefix: int) -> np.ndarray:
+        """Logits for every position of `seq`: prefill `prefix` tokens, then one decode step per token."""
+        logits, cache = self.run(seq[None, :prefix], self.empty())
+        rows = [logits]
+        for t in range(prefix, len(seq)):
+            step, cache = self.run(seq[None, t:t + 1], cache)
+            rows.append(step)
+        return np.concatenate(rows)
+
     def speed(self, prompt: list[int], decode: int) -> dict:
         """Prefill `prompt`, then `decode` greedy steps (one token each, on the cache): wall and CPU seconds."""
         t, c = time.perf_counter(), time.process_time()
@@ -186,13 +217,7 @@ def ort_worker(model: str, threads: list[int]) -> None:
     load = time.perf_counter() - t
 
     def ppl(windows):
-        lm = lms[max(threads)]
-        nll, argmax = 0.0, []
-        for w in windows:
-            s, a = nll_of(lm.window_logits(w), np.array(w))
-            nll += s
-            argmax.append(a)
-        return {"nll": nll, "argmax": argmax}
+        return windows_nll(lms[max(threads)].window_logits, windows)
 
     serve({"info": lambda: {"load_s": load, "versions": {"onnxruntime": ort.__version__}},
            "ppl": ppl,
@@ -504,16 +529,12 @@ def reference(hf: Path, windows: list[list[int]], prompt: list[int]) -> dict:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32,
                                                               attn_implementation="eager").eval()
-    nll, argmax = 0.0, []
     with torch.no_grad():
-        for w in windows:
-            s, a = nll_of(model(torch.tensor([w])).logits[0].numpy(), np.array(w))
-            nll += s
-            argmax.append(a)
+        scored = windows_nll(lambda w: model(torch.tensor([w])).logits[0].numpy(), windows)
         ids = torch.tensor([prompt])
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=DECODE,
                              min_new_tokens=DECODE, do_sample=False, eos_token_id=None, pad_token_id=None)
-    return {"nll": nll, "argmax": argmax, "greedy": out[0, len(prompt):].tolist()}
+    return {**scored, "greedy": out[0, len(prompt):].tolist()}
 
 
 def fidelity(res: dict, ref: dict, positions: int) -> dict:
