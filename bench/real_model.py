@@ -273,44 +273,15 @@ def find_gguf(work: Path) -> Path:
 
 
 def gguf_to_hf_dir(gguf: Path, out: Path) -> dict:
-    """A plain Hugging Face directory (fp32 safetensors, tokenizer) from a GGUF file: edgekit's converter when
-    it exists, else transformers' GGUF loader (needs `gguf` and `accelerate`): its model carries a gguf
-    quantizer that save_pretrained refuses, so its state_dict goes into a model built from the same config."""
+    """A plain Hugging Face directory (fp32 safetensors, tokenizer) from a GGUF file, by edgekit's own
+    converter (edgekit.models.gguf.convert: what `edgekit export FILE.gguf` uses)."""
     if (out / "config.json").is_file() and list(out.glob("*.safetensors")):
         return {"reused": True, "dir": str(out)}
-    t = time.time()
-    try:
-        from edgekit.models.gguf import gguf_to_hf_dir as edgekit_convert
-    except ImportError:
-        edgekit_convert = None
-    if edgekit_convert is not None:
-        edgekit_convert(gguf, out)
-        return {"converter": "edgekit.models.gguf.gguf_to_hf_dir", "seconds": round(time.time() - t, 1),
-                "dir": str(out)}
-    import torch
-    import transformers
+    from edgekit.models.gguf import convert
 
-    transformers.utils.logging.set_verbosity_error()
-    src = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                            dtype=torch.float32)
-    cfg = src.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    plain = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not cfg.tie_word_embeddings]
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF state dict does not fit its config: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    plain.tie_weights()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp, safe_serialization=True)
-    transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return {"converter": "transformers GGUF loader (bench fallback)", "seconds": round(time.time() - t, 1),
-            "dir": str(out)}
+    t = time.time()
+    convert(gguf, out)
+    return {"converter": "edgekit.models.gguf.convert", "seconds": round(time.time() - t, 1), "dir": str(out)}
 
 
 def artifact_bytes(paths: list[Path]) -> int:

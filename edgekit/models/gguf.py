@@ -34,7 +34,7 @@ def architecture(path: Path) -> str:
     return str(arch)
 
 
-def convert(path: Path, out: Path, progress=None) -> dict:
+def convert(path: Path, out: Path) -> dict:
     """Write a plain fp32 Hugging Face directory for a llama / qwen2 GGUF file at `out` (atomically)."""
     from edgekit.artifact import staging
 
@@ -81,7 +81,7 @@ def convert(path: Path, out: Path, progress=None) -> dict:
             "parameters": sum(p.numel() for p in plain.parameters())}
 
 
-def source(target: str | Path, progress=None) -> str | Path:
+def source(target: str | Path) -> str | Path:
     """`target` itself, or for a .gguf file the Hugging Face directory it converts to (converted once,
     cached under EDGEKIT_CACHE or ~/.cache/edgekit, keyed by the file's sha256)."""
     path = Path(target)
@@ -89,9 +89,9 @@ def source(target: str | Path, progress=None) -> str | Path:
         return target
     out = gguf_cache_dir(path)
     if not out.is_dir():
-        from edgekit.progress import progress as stage
+        from edgekit.progress import progress
 
-        with stage(f"converting {path.name} to a Hugging Face directory (once; cached in {out.parent})") as advance:
+        with progress(f"converting {path.name} to a Hugging Face directory (once; cached in {out.parent})") as advance:
             convert(path, out)
             advance(1)
     return out
