@@ -135,10 +135,27 @@ def jetson_clocks_from_sysfs(root: Path) -> str | None:
     return "on" if all(pinned) else "off"
 
 
-def jetson_info(root: Path, run: Run) -> dict | None:
+def jetson_model(root: Path) -> str | None:
+    """The device-tree model of a Jetson ('NVIDIA Jetson Orin Nano ...'), None on anything else."""
     raw = _read(root, "proc/device-tree/model")
     model = raw.replace("\x00", "").strip() if raw else ""
-    if not model or not re.search(r"jetson|orin|xavier|tegra|p37\d\d", model, re.I):
+    return model if model and re.search(r"jetson|orin|xavier|tegra|p37\d\d", model, re.I) else None
+
+
+def is_jetson(root: Path) -> bool:
+    """A Jetson board: an L4T release file or a Jetson device-tree model."""
+    return (root / "etc/nv_tegra_release").exists() or jetson_model(root) is not None
+
+
+def jetpack_version(run: Run) -> str | None:
+    """'6.2' from the nvidia-jetpack package's version ('6.2+b77'), None where it is not installed."""
+    text = run(["dpkg-query", "-W", "-f=${Version}", "nvidia-jetpack"])
+    return text.strip().split("-")[0].split("+")[0] if text and text.strip() else None
+
+
+def jetson_info(root: Path, run: Run) -> dict | None:
+    model = jetson_model(root)
+    if model is None:
         return None
     clocks = parse_jetson_clocks_show(run(["jetson_clocks", "--show"]))
     clocks_from = "jetson_clocks --show"
@@ -158,7 +175,7 @@ def cuda_info() -> dict | None:
     i = torch.cuda.current_device()
     props = torch.cuda.get_device_properties(i)
     return {"name": props.name, "sm": f"{props.major}.{props.minor}",
-            "memory_gib": round(props.total_memory / 2**30, 2),
+            "memory_gib": round(props.total_memory / 2**30, 2), "memory_bytes": props.total_memory,
             "multiprocessors": props.multi_processor_count, "count": torch.cuda.device_count(),
             "cuda": torch.version.cuda}
 
@@ -174,6 +191,38 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     return out
+
+
+def tensorrt_version() -> str | None:
+    """The installed TensorRT Python package's version (any of its wheel names), without importing it."""
+    import contextlib
+    import importlib.metadata as md
+
+    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-libs"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            return md.version(dist)
+    return None
+
+
+def host_facts(need_gpu: bool = False, need_tensorrt: bool = False, root: str | Path = "/",
+               run: Run | None = None) -> dict:
+    """The facts a bundle's compatibility check reads (edgekit.bundle.compat.check_machine): CPU arch, memory in
+    bytes, Jetson or not; the GPU's SM and memory and TensorRT / JetPack versions only when asked (probing CUDA
+    imports torch). The same readers as `identify`."""
+    import psutil
+
+    root, run = Path(root), run or run_command
+    facts = {"arch": platform.machine().lower(), "memory_bytes": psutil.virtual_memory().total,
+             "jetson": is_jetson(root)}
+    cuda = cuda_info() if need_gpu else None
+    if cuda:
+        facts["sm"], facts["gpu_memory_bytes"] = cuda["sm"], cuda["memory_bytes"]
+    if need_tensorrt:
+        if facts["jetson"] and (jetpack := jetpack_version(run)):
+            facts["jetpack"] = jetpack
+        if trt := tensorrt_version():
+            facts["tensorrt"] = trt
+    return facts
 
 
 def match_profile(info: dict) -> tuple[str | None, str]:

@@ -3,11 +3,8 @@ machine offers it (host_facts, check_machine)."""
 
 from __future__ import annotations
 
-import contextlib
-import platform
-from pathlib import Path
-
 from edgekit.bundle.format import WEIGHT_SUFFIXES
+from edgekit.device import host_facts  # the one reader of this machine (edgekit/device.py)
 from edgekit.errors import EdgekitError, unknown_name
 from edgekit.versions import compatible, version_tuple
 
@@ -75,42 +72,6 @@ def compatibility(device: str, res, table: dict[str, dict], settings: dict) -> d
     if jetpack:
         compat["jetpack"] = jetpack
     return compat
-
-
-def host_facts(need_gpu: bool = False, need_tensorrt: bool = False) -> dict:
-    """This machine: CPU arch, memory, Jetson or not; the GPU's SM and TensorRT only when asked."""
-    import psutil
-
-    facts = {"arch": platform.machine().lower(), "memory_bytes": psutil.virtual_memory().total,
-             "jetson": Path("/etc/nv_tegra_release").exists()}
-    with contextlib.suppress(OSError):
-        facts["jetson"] = facts["jetson"] or "jetson" in Path("/proc/device-tree/model").read_text().lower()
-    if need_gpu:
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                p = torch.cuda.get_device_properties(0)
-                facts["sm"] = f"{p.major}.{p.minor}"
-                facts["gpu_memory_bytes"] = p.total_memory
-        except ImportError:
-            pass
-    if need_tensorrt and facts["jetson"]:
-        import subprocess
-
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            v = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "nvidia-jetpack"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-            if v:
-                facts["jetpack"] = v.split("-")[0].split("+")[0]
-    if need_tensorrt:
-        import importlib.metadata as md
-
-        for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-libs"):
-            with contextlib.suppress(md.PackageNotFoundError):
-                facts["tensorrt"] = md.version(dist)
-                break
-    return facts
 
 
 def check_machine(compat: dict, settings: dict, host: dict | None = None) -> tuple[list[str], list[str]]:

@@ -93,3 +93,23 @@ def test_cuda_device_identified():
     info = device.identify()
     c = info["cuda"]
     assert c["name"] == torch.cuda.get_device_name() and c["sm"].count(".") == 1 and c["memory_gib"] > 0
+
+
+def test_host_facts_read_the_same_tree_as_identify():
+    """bundle install's compatibility facts come from the same readers as `identify` (one place reads the machine):
+    the recorded Orin is a Jetson, its JetPack from dpkg's nvidia-jetpack version; the x86 host is not."""
+    def run(argv):
+        return "6.2+b77" if argv[0] == "dpkg-query" else recorded_commands(argv)
+
+    orin = device.host_facts(need_tensorrt=True, root=ORIN, run=run)
+    assert orin["jetson"] is True and orin["jetpack"] == "6.2"
+    assert device.host_facts(root=ORIN, run=run).get("jetpack") is None  # only looked up when TensorRT is needed
+    host = device.host_facts(need_tensorrt=True, root=DATA / "x86-host", run=run)
+    assert host["jetson"] is False and "jetpack" not in host
+    assert host["memory_bytes"] > 0 and host["arch"]
+
+
+def test_host_facts_is_what_bundle_checks_read():
+    from edgekit.bundle import compat
+
+    assert compat.host_facts is device.host_facts
