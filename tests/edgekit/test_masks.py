@@ -81,7 +81,9 @@ def models(tmp_path_factory, onnx_v3_tiny):
 
 def _runner(models, family: str, runtime: str):
     src, art, thr = models[family]
-    return (OnnxRuntimeRunner(resolve(art)) if runtime == "onnx" else TorchRunner(resolve(src))), thr
+    if runtime == "torch":
+        return TorchRunner(resolve(src)), thr
+    return OnnxRuntimeRunner(resolve(art), iobinding=runtime == "onnx-iobinding"), thr  # the cache in OrtValues
 
 
 def _prompts(seed: int = 0) -> list[np.ndarray]:
@@ -114,7 +116,7 @@ def _decode(runner, rows, thr, masked: bool = True):
     return np.stack(tokens, 1), first, executed
 
 
-@pytest.mark.parametrize("runtime", ["onnx", "torch"])
+@pytest.mark.parametrize("runtime", ["onnx", "onnx-iobinding", "torch"])
 @pytest.mark.parametrize("family", ["v3", "r1", "hf", "hf-gated"])
 def test_left_padded_batch_decodes_every_row_as_alone(models, family, runtime):
     runner, thr = _runner(models, family, runtime)
