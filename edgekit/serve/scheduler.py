@@ -206,19 +206,24 @@ class Scheduler:
         room = self.max_batch - len(self.batch.rows)
         if not self.waiting or room <= 0 or (self.policy == "fixed" and self.batch.rows):
             return []
-        if self.batch.rows and self.policy == "dynamic" and self.batch.past_len and not self.batch.can_pad:
-            return []  # no mask: a running batch's length never matches a prompt's prefill
-        anchor = self.waiting[0]
+        pool = self.waiting
+        if not self.batch.can_pad:  # no mask: only rows of one length batch together
+            need = self.batch.past_len if self.batch.rows else len(pool[0].prompt)
+            pool = [r for r in pool if len(r.prompt) == need]
+            if not pool:
+                return []
+        anchor = pool[0]
+        if self.batch.rows and (len(self.batch.rows) + 1) * max(self.batch.past_len, len(anchor.prompt)) \
+                > self.token_budget:
+            return []  # the running batch has no room for the oldest request yet
         if self.policy == "fixed":
-            pool = self.waiting[1:]
+            pool = pool[1:]
         else:
-            pool = sorted(self.waiting[1:], key=lambda r: abs(len(r.prompt) - len(anchor.prompt)))
+            pool = sorted(pool[1:], key=lambda r: abs(len(r.prompt) - len(anchor.prompt)))
         chosen = [anchor]
         for r in pool:
             if len(chosen) >= room:
                 break
-            if not self.batch.can_pad and len(r.prompt) != len(anchor.prompt):
-                continue
             if self.policy == "dynamic":
                 longest = max(self.batch.past_len, *(len(c.prompt) for c in chosen), len(r.prompt))
                 if (len(self.batch.rows) + len(chosen) + 1) * longest > self.token_budget:
