@@ -7,9 +7,10 @@ by one column. Joining rows are prefilled together (their prompts left-padded to
 their caches are left-padded to the running batch's P (or the running batch's to theirs) and stacked
 on; rows that finish are sliced out; columns that are padding in every remaining row are trimmed away.
 
-Without an `attention_mask` input (graphs exported before masks) padding cannot be hidden from the
-model: the batch then only stacks rows whose cache lengths are equal (`can_pad` False), which the
-scheduler respects.
+An artifact exported before attention masks (its runner's `has_mask` False) cannot hide padding from
+the model: the batch then only stacks rows whose cache lengths are equal (`can_pad` False), which the
+scheduler respects. R1's `executed` output is one flag per layer per call (the layer ran for some row):
+it is given to every row of the call.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Batch:
     def __init__(self, runner, thresholds=None):
         self.runner = runner
         self.spec = runner.spec
-        self.can_pad = MASK in self.spec.input_names
+        self.can_pad = MASK in self.spec.input_names and getattr(runner, "has_mask", True)
         self.thresholds = None
         if self.spec.gated:
             thr = runner.cfg.default_threshold if thresholds is None else thresholds
@@ -51,7 +52,7 @@ class Batch:
         feeds = {"input_ids": ids, **cache}
         if self.thresholds is not None:
             feeds["thresholds"] = self.thresholds
-        if self.can_pad:
+        if MASK in self.spec.input_names:
             feeds[MASK] = mask
         return feeds
 

@@ -46,11 +46,11 @@ def read_data(path: str | Path) -> list[dict]:
     return rows
 
 
-def answer_all(runner, tokenizer, prompts: list[list[int]], max_tokens: list[int], decide=None,
+def answer_all(runner, tokenizer, prompts: list[list[int]], max_tokens: list[int],
                max_batch: int = 16, thresholds=None) -> list[Request]:
     """Greedy answers for every prompt through one scheduler (no thread: step until idle)."""
     s = Scheduler(runner, "dynamic", max_batch, queue_limit=len(prompts) + 1, thresholds=thresholds,
-                  eos=tokenizer.eos_id)
+                  eos=tokenizer.eos_id, solo_prefill=True)  # as the cascade's primary serves
     reqs = [s.submit(Request(p, m)) for p, m in zip(prompts, max_tokens)]
     while not s.idle():
         s.step()

@@ -6,7 +6,7 @@
     edgekit_batch_rows{model}                    histogram: rows per decode step
     edgekit_generated_tokens_total{model}        tokens generated (tokens/s = rate() of it)
     edgekit_request_seconds{model}               histogram: submission to last token
-    edgekit_gated_layer_slots_total{model}       R1: gated-layer executions decided, per row and call
+    edgekit_gated_layer_slots_total{model}       R1: gated-layer executions decided, per model call
     edgekit_gated_layers_skipped_total{model}    R1: of those, skipped
     edgekit_skipped_fraction{model}              R1: skipped / slots so far
     edgekit_escalated_total{model}               cascade: requests handed to the fallback model

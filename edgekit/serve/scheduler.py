@@ -85,7 +85,7 @@ class Scheduler:
     def __init__(self, runner, policy: str = "dynamic", max_batch: int = 8, token_budget: int | None = None,
                  queue_limit: int = 64, thresholds=None, eos: int | None = None, metrics=None,
                  decide: Callable[[Request, str], bool] | None = None, name: str | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, solo_prefill: bool = False):
         if policy not in POLICIES:
             raise ValueError(f"unknown batching policy {policy!r}")
         self.runner, self.policy, self.max_batch = runner, policy, max_batch
@@ -94,6 +94,9 @@ class Scheduler:
         self.queue_limit, self.eos, self.metrics, self.clock = queue_limit, eos, metrics, clock
         self.name = name or runner.cfg.name
         self.decide = decide  # (request, "first" | "end") -> True: hand it to the fallback (edgekit.serve.cascade)
+        # prefill each joining request in its own call: R1's gate flags of the prefill are then that request's
+        # own (a cascade routes on them), not those of whichever requests joined with it
+        self.solo_prefill = solo_prefill
         self.fallback: Scheduler | None = None
         self.batch = Batch(runner, thresholds)
         gated = getattr(runner.cfg, "gated_layers", None) or []
@@ -193,9 +196,9 @@ class Scheduler:
         for r in done:
             self._finish(r, "cancelled" if r.cancelled else "timeout")
         self.batch.remove({id(r) for r in done})
-        if joiners:
-            out = self.batch.prefill(joiners, [r.prompt for r in joiners])
-            self._accept(joiners, out, first=True)
+        for group in ([[r] for r in joiners] if self.solo_prefill else [joiners] if joiners else []):
+            out = self.batch.prefill(group, [r.prompt for r in group])
+            self._accept(group, out, first=True)
         if self.batch.rows:
             rows = list(self.batch.rows)
             self._observe_batch(len(rows))
@@ -240,8 +243,6 @@ class Scheduler:
                 r.rng = np.random.default_rng(r.seed)
             if out.executed is not None and self.gated:
                 r.confidence.executed.append(float(out.executed[i][self.gated].mean()))
-                if self.metrics:
-                    self.metrics.gates(self.name, len(self.gated), int((~out.executed[i][self.gated]).sum()))
             tok = choose(out.logits[i], r.temperature, r.top_k, r.top_p, r.rng)
             observe(r.confidence, out.logits[i], tok)
             r.tokens.append(tok)
@@ -261,6 +262,8 @@ class Scheduler:
                 leaving.append(r)
         if self.metrics:
             self.metrics.tokens(self.name, len(rows))
+            if out.executed is not None and self.gated:  # per call: the layer ran (for any row) or not
+                self.metrics.gates(self.name, len(self.gated), int((~out.executed[0][self.gated]).sum()))
         self.batch.remove({id(r) for r in leaving})
 
     def _stopped(self, r: Request) -> str | None:

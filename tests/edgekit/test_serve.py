@@ -77,6 +77,27 @@ def test_batched_greedy_equals_each_request_alone(family, policy, request):
     assert all(r.finish_reason in ("stop", "length") for r in reqs)
 
 
+@pytest.mark.parametrize("name", ["r1-ref", "v3-ref"])
+def test_trained_models_batched_equal_alone(name):
+    """The shipped checkpoints (torch runtime) on task prompts of mixed lengths at R1's default threshold:
+    its trained gates skip different layers for different requests, decided per row."""
+    from edgekit import tasks
+    from runtimes import open_runner
+
+    with open_runner(name) as runner:
+        ps = [p.prompt_ids() for p in tasks.test_split(per_cell=1)][:8]
+        want = [runner.generate(p, NEW, stop=EOS) for p in ps]
+        sched = Scheduler(runner, "dynamic", max_batch=8, eos=EOS)
+        reqs = [sched.submit(Request(p, NEW)) for p in ps]
+        sched.step()
+        assert len(sched.batch) == 8 and not sched.batch.mask.all()  # one left-padded batch
+        drive(sched)
+    assert len({len(p) for p in ps}) > 3
+    assert [r.tokens for r in reqs] == [w.tokens for w in want]
+    if name == "r1-ref":
+        assert len({w.skipped for w in want}) > 2  # the rows' own gate decisions differ
+
+
 @pytest.mark.parametrize("family", ["v3", "r1"])
 def test_a_row_joins_mid_decode(family, request):
     runner = request.getfixturevalue(family)
