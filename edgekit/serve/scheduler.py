@@ -8,7 +8,9 @@ Retry-After). Between decode steps the model thread lets waiting requests join a
               how close their prompt length is to the anchor's, while the batch stays within `max_batch`
               rows and `token_budget` (rows x padded cache length after the joiners' prefill); rows join
               a running batch at every step
-    fixed     arrival order, up to `max_batch` requests; a batch runs to completion before the next starts
+    fixed     static batching, as generate() on a batch does it: arrival order, up to `max_batch` requests;
+              the batch runs to completion before the next starts, a finished row keeping its slot (fed
+              its last token, outputs dropped) until the batch's longest request is done
 
 A graph without an attention mask cannot hide padding, so then only prompts of the running length join
 (equal-length batches; the test and the bench say which graphs they use).
@@ -102,6 +104,8 @@ class Scheduler:
         gated = getattr(runner.cfg, "gated_layers", None) or []
         self.gated = list(gated) if self.batch.spec.gated else []
         self.waiting: list[Request] = []
+        self.ghosts: set[int] = set()  # fixed: finished rows still in the batch (id of the request)
+        self.joining: list[Request] = []
         self.cond = threading.Condition()
         self.gate: threading.Event | None = None  # tests hold the model thread here between iterations
         self.draining, self.drain_deadline = False, math.inf
@@ -170,16 +174,22 @@ class Scheduler:
                 self.step()
                 if self.draining and not self.idle() and self.clock() >= self.drain_deadline:
                     self._end_all("shutdown")
-        except BaseException as e:  # a failed inference ends every request rather than hanging them
+        except BaseException as e:  # a failed inference ends every request (500) and refuses new ones (503)
+            import logging
+
+            logging.getLogger("edgekit.serve").error("model thread of %s failed: %s", self.name, e)
             self.error = e
+            with self.cond:
+                self.draining = True
             self._end_all("error")
 
     def _end_all(self, reason: str) -> None:
         with self.cond:
             waiting, self.waiting = self.waiting, []
-        for r in waiting + list(self.batch.rows):
+        for r in waiting + self.joining + list(self.batch.rows):
             self._finish(r, reason)
         self.batch.remove({id(r) for r in self.batch.rows})
+        self.ghosts.clear()
         self._gauge()
 
     def step(self) -> None:
@@ -192,13 +202,20 @@ class Scheduler:
             self._gauge()
         for r in expired:
             self._finish(r, "cancelled" if r.cancelled else "timeout")
-        done = [r for r in self.batch.rows if r.cancelled or now >= r.deadline]
+        done = [r for r in self.batch.rows if id(r) not in self.ghosts and (r.cancelled or now >= r.deadline)]
         for r in done:
             self._finish(r, "cancelled" if r.cancelled else "timeout")
-        self.batch.remove({id(r) for r in done})
+        self._retire(done)
+        self.joining = joiners  # neither waiting nor in the batch while their prefill runs
         for group in ([[r] for r in joiners] if self.solo_prefill else [joiners] if joiners else []):
             out = self.batch.prefill(group, [r.prompt for r in group])
             self._accept(group, out, first=True)
+        self.joining = []
+        if self.ghosts:  # a finished row never runs past the context (live rows stop before it)
+            full = {id(r) for r, n in zip(self.batch.rows, self.batch.mask.sum(1)) if id(r) in self.ghosts
+                    and n + 1 > self.context}
+            self.batch.remove(full)
+            self.ghosts -= full
         if self.batch.rows:
             rows = list(self.batch.rows)
             self._observe_batch(len(rows))
@@ -238,7 +255,11 @@ class Scheduler:
 
     def _accept(self, rows: list[Request], out, first: bool) -> None:
         leaving = []
+        live = 0
         for i, r in enumerate(rows):
+            if id(r) in self.ghosts:
+                continue
+            live += 1
             if first:
                 r.rng = np.random.default_rng(r.seed)
             if out.executed is not None and self.gated:
@@ -261,10 +282,20 @@ class Scheduler:
                     self._finish(r, reason)
                 leaving.append(r)
         if self.metrics:
-            self.metrics.tokens(self.name, len(rows))
+            self.metrics.tokens(self.name, live)
             if out.executed is not None and self.gated:  # per call: the layer ran (for any row) or not
                 self.metrics.gates(self.name, len(self.gated), int((~out.executed[0][self.gated]).sum()))
-        self.batch.remove({id(r) for r in leaving})
+        self._retire(leaving)
+
+    def _retire(self, leaving: list[Request]) -> None:
+        """Finished rows leave the batch; under `fixed` they stay (ghosts) until every row has finished."""
+        if self.policy == "fixed":
+            self.ghosts |= {id(r) for r in leaving}
+            if self.ghosts >= {id(r) for r in self.batch.rows}:
+                self.batch.remove(set(self.ghosts))
+                self.ghosts.clear()
+        else:
+            self.batch.remove({id(r) for r in leaving})
 
     def _stopped(self, r: Request) -> str | None:
         if self.eos is not None and r.last == self.eos:

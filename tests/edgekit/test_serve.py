@@ -141,6 +141,18 @@ def test_fixed_runs_a_batch_to_completion_dynamic_joins(v3):
         assert (a.tokens, b.tokens) == (v3.generate(a.prompt, 4).tokens, v3.generate(b.prompt, 3).tokens)
 
 
+def test_fixed_keeps_a_finished_row_until_the_batch_is_done(v3):
+    short, long_ = (Request(p, n) for p, n in zip(prompts(v3, 2, seed=5), (1, 4)))
+    sched = Scheduler(v3, "fixed", max_batch=4, eos=None)
+    sched.submit(short), sched.submit(long_)
+    sched.step()
+    assert short.finish_reason == "length" and short.tokens == v3.generate(short.prompt, 1).tokens
+    assert sched.batch.rows == [short, long_]  # static batching: the slot stays taken
+    drive(sched)
+    assert long_.tokens == v3.generate(long_.prompt, 4).tokens and len(short.tokens) == 1
+    assert not sched.batch.rows and not sched.ghosts
+
+
 def test_sampling_is_seeded_per_request(v3):
     p = prompts(v3, 1)[0]
     outs = []
@@ -150,6 +162,21 @@ def test_sampling_is_seeded_per_request(v3):
         drive(sched)
         outs.append([r.tokens for r in reqs])
     assert outs[0] == outs[1] and outs[0][0] == outs[0][1]
+
+
+def test_a_failed_inference_ends_every_request_and_refuses_new_ones(v3, monkeypatch):
+    def boom(feeds):
+        raise RuntimeError("boom")
+
+    sched = Scheduler(v3, "dynamic", max_batch=2, eos=None)
+    events = []
+    reqs = [sched.submit(Request(p, 4, sink=events.append)) for p in prompts(v3, 3)]
+    monkeypatch.setattr(v3, "infer", boom)
+    sched.start().join(timeout=60)
+    assert not sched.thread.is_alive() and str(sched.error) == "boom"
+    assert [r.finish_reason for r in reqs] == ["error"] * 3 and events.count(("done", "error")) == 3
+    with pytest.raises(ShuttingDown):
+        sched.submit(Request([256, 1], 1))
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
