@@ -169,12 +169,53 @@ def load_test(artifact: Path, levels: list[int], per_level: int, seconds: float,
             for b, s in servers.items():
                 before = s.metrics()
                 r = asyncio.run(load(s.url, prompts, c, max(per_level, 4 * c), seconds, 16))
-                r.update(batching=b, rows_per_step=rows_per_step(before, s.metrics()))
+                r.update(model=artifact.name, batching=b, rows_per_step=rows_per_step(before, s.metrics()))
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     finally:
         for s in servers.values():
             s.stop()
+    return rows
+
+
+def closed_loop(artifact: Path, levels: list[int], requests: int, max_batch: int, rounds: int) -> list[dict]:
+    """The scheduler alone (no HTTP, no client in the way): C requests outstanding, a finished one replaced at
+    once, over the same prompts; both policies alternate round by round; medians over rounds."""
+    from edgekit.serve import Request, Scheduler
+    from runtimes import open_runner
+
+    prompts = [p.prompt_ids() for p in tasks.test_split(per_cell=8)]
+    np.random.default_rng(0).shuffle(prompts)
+    rows = []
+    with open_runner(artifact, threads=1) as runner:
+        eos = runner.resolved.tokenizer().eos_id
+        for c in levels:
+            runs: dict[str, list] = {"fixed": [], "dynamic": []}
+            for _ in range(rounds):
+                for policy in runs:
+                    s = Scheduler(runner, policy, max_batch, queue_limit=c + 1, eos=eos)
+                    done, sent, live, steps, rowsum = [], 0, [], 0, 0
+                    t0 = time.perf_counter()
+                    while len(done) < requests:
+                        while len(live) < c and sent < requests:
+                            r = s.submit(Request(prompts[sent % len(prompts)], 16))
+                            r.t0, sent = time.perf_counter(), sent + 1
+                            live.append(r)
+                        s.step()
+                        steps, rowsum = steps + 1, rowsum + len(s.batch.rows)
+                        for r in [r for r in live if r.finish_reason]:
+                            r.ms = 1000 * (time.perf_counter() - r.t0)
+                            live.remove(r)
+                            done.append(r)
+                    wall = time.perf_counter() - t0
+                    lat = [r.ms for r in done]
+                    runs[policy].append({"tokens_per_s": sum(len(r.tokens) for r in done) / wall,
+                                         "p50_ms": float(np.percentile(lat, 50)),
+                                         "p99_ms": float(np.percentile(lat, 99)), "rows_per_step": rowsum / steps})
+            for policy, rs in runs.items():
+                row = {k: round(float(np.median([r[k] for r in rs])), 2) for k in rs[0]}
+                rows.append({"model": artifact.name, "concurrency": c, "batching": policy, **row})
+                print("closed loop", json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -296,16 +337,16 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.6))
-    for batching, style in (("fixed", "o--"), ("dynamic", "s-")):
-        rows = [r for r in res["load"] if r["batching"] == batching]
-        a.plot([r["concurrency"] for r in rows], [r["tokens_per_s"] for r in rows], style, label=batching)
-        b.plot([r["concurrency"] for r in rows], [r["p99_ms"] for r in rows], style, label=f"{batching} p99")
-        b.plot([r["concurrency"] for r in rows], [r["p50_ms"] for r in rows], style, alpha=0.4,
-               label=f"{batching} p50")
-    for ax, title in ((a, "generated tokens/s"), (b, "latency (ms)")):
+    for model, color in zip(MODELS, ("C0", "C1")):
+        for batching, style in (("fixed", "o--"), ("dynamic", "s-")):
+            rows = [r for r in res["load"] if r["batching"] == batching and r["model"] == model]
+            x = [r["concurrency"] for r in rows]
+            a.plot(x, [r["tokens_per_s"] for r in rows], style, color=color, label=f"{model} {batching}")
+            b.plot(x, [r["p99_ms"] for r in rows], style, color=color, label=f"{model} {batching} p99")
+    for ax, title in ((a, "generated tokens/s"), (b, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests")
-        ax.set_title(f"{res['load_model']}: {title}")
+        ax.set_title(f"edgekit serve, loopback: {title}")
         ax.legend(fontsize=8)
     cas = res["cascade"]
     for sig, d in cas["signals"].items():
@@ -329,21 +370,36 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=Path("/tmp/ek-serve"))
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--quick", action="store_true", help="smoke test: few requests, a small held-out sample")
-    ap.add_argument("--skip", action="append", default=[], choices=["load", "overflow", "cascade"])
+    ap.add_argument("--skip", action="append", default=[], choices=["load", "closed_loop", "overflow", "cascade"])
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     arts = artifacts(args.work)
-    res: dict = {"machine_before": machine(), "load_model": "r1-ref", "settings": {
+    res: dict = {"machine_before": machine(), "settings": {
         "threads": 1, "max_batch": 16, "max_tokens": 16, "runtime": "onnxruntime cpu"}}
     if "load" not in args.skip:
         levels = [1, 4] if args.quick else [1, 4, 16, 64]
-        res["load"] = load_test(arts["r1-ref"], levels, 16 if args.quick else 128, 20 if args.quick else 60, 16)
-        by = {(r["batching"], r["concurrency"]): r for r in res["load"]}
-        c = 16 if (("dynamic", 16) in by) else max(levels)
-        res["dynamic_over_fixed"] = {"concurrency": c, "throughput": round(
-            by["dynamic", c]["tokens_per_s"] / by["fixed", c]["tokens_per_s"], 3),
-            "p99_ratio": round(by["dynamic", c]["p99_ms"] / by["fixed", c]["p99_ms"], 3)}
+        res["load"], res["dynamic_over_fixed"] = [], {}
+        for name in MODELS:
+            rows = load_test(arts[name], levels, 16 if args.quick else 192, 20 if args.quick else 60, 16)
+            res["load"] += rows
+            by = {(r["batching"], r["concurrency"]): r for r in rows}
+            c = 16 if ("dynamic", 16) in by else max(levels)
+            res["dynamic_over_fixed"][name] = {"concurrency": c, "throughput": round(
+                by["dynamic", c]["tokens_per_s"] / by["fixed", c]["tokens_per_s"], 3),
+                "p99_ratio": round(by["dynamic", c]["p99_ms"] / by["fixed", c]["p99_ms"], 3)}
+    if "closed_loop" not in args.skip:
+        res["closed_loop"], res["closed_loop_dynamic_over_fixed"] = [], {}
+        for name in MODELS:
+            rows = closed_loop(arts[name], [1, 4] if args.quick else [1, 4, 16, 64], 32 if args.quick else 192,
+                               16, 1 if args.quick else 3)
+            res["closed_loop"] += rows
+            by = {(r["batching"], r["concurrency"]): r for r in rows}
+            c = 16 if ("dynamic", 16) in by else 4
+            dyn, fix = by["dynamic", c], by["fixed", c]
+            res["closed_loop_dynamic_over_fixed"][name] = {
+                "concurrency": c, "throughput": round(dyn["tokens_per_s"] / fix["tokens_per_s"], 3),
+                "p99_ratio": round(dyn["p99_ms"] / fix["p99_ms"], 3)}
     if "overflow" not in args.skip:
         res["overflow"] = overflow(arts["r1-ref"])
         print("overflow", json.dumps(res["overflow"]), flush=True)

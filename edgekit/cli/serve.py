@@ -54,6 +54,7 @@ def serve_cmd(
     render.say(f"serving {models} on http://{host}:{port} ({batching} batching, max batch {max_batch}, "
                f"queue {queue_limit}); Ctrl-C drains and stops")
     serve(service, host, port)
+    render.say("stopped")
 
 
 def calibrate_cmd(

@@ -67,6 +67,7 @@ class Request:
     confidence: Confidence = field(default_factory=Confidence)
     model: str | None = None  # which model answered
     score: float | None = None  # the cascade's confidence score (edgekit.serve.cascade), once decided
+    step: int = 0  # the scheduler's decode-step count when it was queued
     cancelled: bool = False
     submitted: float = 0.0
     deadline: float = math.inf
@@ -99,6 +100,9 @@ class Scheduler:
         # prefill each joining request in its own call: R1's gate flags of the prefill are then that request's
         # own (a cascade routes on them), not those of whichever requests joined with it
         self.solo_prefill = solo_prefill
+        # dynamic: rows join a running batch once `join_rows` slots are free or the oldest waiting request has
+        # waited `join_wait` decode steps (fewer prefill calls interrupting the running rows)
+        self.join_rows, self.join_wait, self.steps = max(1, max_batch // 4), 4, 0
         self.fallback: Scheduler | None = None
         self.batch = Batch(runner, thresholds)
         gated = getattr(runner.cfg, "gated_layers", None) or []
@@ -123,7 +127,7 @@ class Scheduler:
                 raise QueueFull(self.retry_after())
             req.submitted = self.clock()
             req.deadline = req.submitted + req.timeout if req.timeout else math.inf
-            req.model = self.name
+            req.model, req.step = self.name, self.steps
             self.waiting.append(req)
             self._gauge()
             self.cond.notify()
@@ -218,6 +222,7 @@ class Scheduler:
             self.ghosts -= full
         if self.batch.rows:
             rows = list(self.batch.rows)
+            self.steps += 1
             self._observe_batch(len(rows))
             self._accept(rows, self.batch.decode([r.last for r in rows]), first=False)
 
@@ -236,6 +241,8 @@ class Scheduler:
         if self.batch.rows and (len(self.batch.rows) + 1) * max(self.batch.past_len, len(anchor.prompt)) \
                 > self.token_budget:
             return []  # the running batch has no room for the oldest request yet
+        if self.batch.rows and room < self.join_rows and self.steps - anchor.step < self.join_wait:
+            return []  # a prefill call stalls every running row: gather a few joiners (or wait a few steps)
         if self.policy == "fixed":
             pool = pool[1:]
         else:

@@ -32,6 +32,10 @@ def serve(service, host: str = "127.0.0.1", port: int = 8000, log_level: str = "
     server = Server(config)
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT/SIGTERM it drained for: a clean stop, exit 0
+        if not server.started:
+            raise
+        return
     except OSError as e:
         raise EdgekitError(f"cannot listen on {host}:{port}: {e.strerror or e}",
                            "choose another --port, or stop what uses it") from None
