@@ -337,16 +337,16 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.6))
-    for model, color in zip(MODELS, ("C0", "C1")):
-        for batching, style in (("fixed", "o--"), ("dynamic", "s-")):
-            rows = [r for r in res["load"] if r["batching"] == batching and r["model"] == model]
-            x = [r["concurrency"] for r in rows]
-            a.plot(x, [r["tokens_per_s"] for r in rows], style, color=color, label=f"{model} {batching}")
-            b.plot(x, [r["p99_ms"] for r in rows], style, color=color, label=f"{model} {batching} p99")
-    for ax, title in ((a, "generated tokens/s"), (b, "p99 latency (ms)")):
+    for ax, key, title in ((a, "closed_loop", "scheduler in-process"), (b, "load", "HTTP on loopback")):
+        for model, color in zip(MODELS, ("C0", "C1")):
+            for batching, style in (("fixed", "o--"), ("dynamic", "s-")):
+                rows = [r for r in res.get(key, []) if r["batching"] == batching and r["model"] == model]
+                ax.plot([r["concurrency"] for r in rows], [r["tokens_per_s"] for r in rows], style, color=color,
+                        label=f"{model} {batching}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests")
-        ax.set_title(f"edgekit serve, loopback: {title}")
+        ax.set_ylabel("generated tokens/s")
+        ax.set_title(title)
         ax.legend(fontsize=8)
     cas = res["cascade"]
     for sig, d in cas["signals"].items():
