@@ -17,7 +17,6 @@ from edgekit.config import ModelConfig
 from edgekit.errors import EdgekitError
 from edgekit.families import family, is_gated
 
-
 MASK = "attention_mask"
 
 

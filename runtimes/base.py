@@ -20,8 +20,9 @@ copy the whole cache to the host and back for every token).
 Chunked prefill (runner option `prefill_chunk`, `--prefill-chunk N`): a step of more than N tokens is fed
 through the KV cache in pieces of at most N, so a prefill's activations (hidden states, score tensors,
 logits) are bounded by N tokens, not the prompt. The logits equal one call's (the cache makes each piece
-see exactly the keys it would have seen; a step's mask is cut into the same pieces); a gated model decides its gates once per call, so a chunked R1
-prefill decides them per piece (a layer counts as executed when any piece ran it). None: one call.
+see exactly the keys it would have seen; a step's mask is cut into the same pieces); a gated model decides
+its gates once per call, so a chunked R1 prefill decides them per piece (a layer counts as executed when any
+piece ran it). None: one call.
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ GATHER_BELOW = 8  # eager: fewer new tokens (decode) use the gather kernel (the 
 def routed_allowed(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mask [B, H, S, K]: own block up to the query, plus the top-k routed earlier key blocks.
 
-    The masked-dense oracle (k [B, H, K, D], one K head per query head; qpos [S], or per row [B, 1, S]). Ties in the routing score go to
-    the lower block index (stable sort), the rule the gather kernel follows too."""
+    The masked-dense oracle (k [B, H, K, D], one K head per query head; qpos [S], or per row [B, 1, S]).
+    Ties in the routing score go to the lower block index (stable sort), the rule the gather kernel follows too."""
     b, h, n_keys, d = k.shape
     n_kb = (n_keys + block_size - 1) // block_size
     k_pad = torch.nn.functional.pad(k, (0, 0, 0, n_kb * block_size - n_keys))
@@ -274,7 +274,8 @@ def routed_attention(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q: torc
     """Routed attention, equal to the masked-dense oracle (routed_allowed + Attention.forward).
 
     x [B,S,C] normed input, q [B,H,S,D], k_all/v_all [B,Hkv,K,D] (or kvb, their KeyBlocks, e.g. a RoutedCache's),
-    qpos [S] absolute positions (< K), or per row [B, 1, S] (left padding: keys in aligned coordinates). Each query ranks the complete earlier key blocks by q . mean(K of block),
+    qpos [S] absolute positions (< K), or per row [B, 1, S] (left padding: keys in aligned coordinates).
+    Each query ranks the complete earlier key blocks by q . mean(K of block),
     keeps the best k = route_k(own block index + 1) of them (ties: lower block index), and attends to exactly those
     blocks plus its own block (causally). Queries run in chunks of `chunk`, so memory is O(chunk x (k + 1) x block),
     never O(S x K). The relative-position bias is looked up for the read keys by their true distances.

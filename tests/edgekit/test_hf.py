@@ -57,7 +57,7 @@ def test_export_validates_and_matches_transformers(hf_models, arch):
     with torch.no_grad():
         want = ref(torch.from_numpy(ids)).logits.numpy()
     with open_runner(art) as runner:
-        feeds = runner.spec.dummy(2, 1, 0)
+        feeds = runner.spec.dummy(2, ids.shape[1], 0)
         got = runner.infer({**feeds, "input_ids": ids})["logits"]
     assert np.abs(got - want).max() < 1e-4
     assert (got.argmax(-1) == want.argmax(-1)).mean() == 1.0
@@ -148,7 +148,7 @@ def test_deepseek_v3_export_reaches_every_expert_and_matches_transformers(dsv3):
         seq = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=1,
                            pad_token_id=1)[0, len(prompt):].tolist()
     with open_runner(art) as runner:
-        got = runner.infer({**runner.spec.dummy(2, 1, 0), "input_ids": ids})["logits"]
+        got = runner.infer({**runner.spec.dummy(*ids.shape, 0), "input_ids": ids})["logits"]
         ours = runner.generate(prompt, 16, stop=1).tokens
     assert np.abs(got - want).max() < 1e-4 and (got.argmax(-1) == want.argmax(-1)).mean() == 1.0
     assert ours == seq, (ours, seq)
