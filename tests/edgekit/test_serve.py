@@ -153,6 +153,19 @@ def test_fixed_keeps_a_finished_row_until_the_batch_is_done(v3):
     assert not sched.batch.rows and not sched.ghosts
 
 
+def test_timeout_and_cancel_end_requests_waiting_or_running(v3):
+    now = [0.0]
+    sched = Scheduler(v3, "dynamic", max_batch=1, eos=None, clock=lambda: now[0])
+    running, waiting, gone = (sched.submit(Request(p, 20, timeout=5.0)) for p in prompts(v3, 3))
+    sched.step()
+    assert running.tokens and not waiting.tokens  # max_batch 1: the others wait
+    gone.cancelled = True
+    now[0] = 5.0  # the deadline of all three
+    sched.step()
+    assert (running.finish_reason, waiting.finish_reason, gone.finish_reason) == ("timeout", "timeout", "cancelled")
+    assert sched.idle() and len(running.tokens) == 2
+
+
 def test_sampling_is_seeded_per_request(v3):
     p = prompts(v3, 1)[0]
     outs = []
@@ -222,6 +235,20 @@ def test_completions_chat_and_stream(service):
         assert chunks[0]["object"] == "chat.completion.chunk"
         assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
         assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == out["choices"][0]["text"]
+
+
+def test_stop_strings_cut_the_text(service):
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(service)) as c:
+        body = {"prompt": "sort 3141=", "max_tokens": 12, "temperature": 0}
+        full = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        stop = next(ch for ch in full[2:] if ch.isprintable() and ch != "\ufffd")
+        out = c.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]
+        streamed = c.post("/v1/completions", json={**body, "stop": stop, "stream": True}).text
+    assert out["text"] == full[:full.index(stop)] and out["finish_reason"] == "stop"
+    chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    assert "".join(ch["choices"][0]["text"] for ch in chunks) == out["text"]
 
 
 @pytest.mark.parametrize("body, status, words", [
@@ -421,7 +448,7 @@ def test_cascade_policy_must_match_models(onnx_r1_tiny, onnx_v3_tiny, tmp_path):
 
 
 @pytest.mark.parametrize("signal", ["probe", "margin"])
-def test_calibrate_threshold_gives_the_rate(onnx_r1_tiny, onnx_v3_tiny, tmp_path, signal):
+def test_calibrate_threshold_gives_the_rate(onnx_r1_tiny, onnx_v3_tiny, tmp_path, signal, cli):
     from edgekit import tasks
     from edgekit.serve.calibrate import answer_all, calibrate
     from edgekit.serve.cascade import read_policy
@@ -431,7 +458,15 @@ def test_calibrate_threshold_gives_the_rate(onnx_r1_tiny, onnx_v3_tiny, tmp_path
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems))
     out = tmp_path / "policy.json"
-    r = calibrate(str(onnx_r1_tiny), str(onnx_v3_tiny), data, 0.2, out, signal=signal)
+    if signal == "probe":
+        r = calibrate(str(onnx_r1_tiny), str(onnx_v3_tiny), data, 0.2, out, signal=signal)
+    else:  # through the command line
+        code, stdout, err = cli("cascade", "calibrate", onnx_r1_tiny, onnx_v3_tiny, "--data", data, "--rate", "0.2",
+                                "--out", out, "--signal", signal, "--json")
+        assert code == 0, err
+        r = json.loads(stdout)
+        code, _, err = cli("cascade", "calibrate", onnx_r1_tiny, onnx_v3_tiny, "--data", data, "--out", out)
+        assert code == 1 and "already exists" in err
     assert r["achieved_rate"] == pytest.approx(6 / 30) and r["n"] == 30
     policy = read_policy(out)
     assert policy.signal == signal and policy.data["models"]["primary"]["name"] == "r1-tiny"
