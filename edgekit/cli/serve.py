@@ -42,6 +42,8 @@ def serve_cmd(
     allow_unsigned: AllowUnsigned = False,
     drain: Annotated[float, typer.Option("--drain", callback=number("--drain", low=0),
                                          help="On shutdown, seconds admitted requests may still take.")] = 10.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what is served (and 'stopped') as JSON lines.")]
+    = False,
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible /v1/completions and /v1/chat/completions, /health, /metrics."""
     from edgekit.serve import Options, open_service
@@ -50,11 +52,16 @@ def serve_cmd(
     options = Options(batching, max_batch, token_budget, queue_limit, timeout, max_tokens, threads, threshold,
                       None, public_key, allow_unsigned, drain)
     service = open_service(target, fallback, policy, options)
+    import json
+
     models = " -> ".join(m.name for m in service.models)
-    render.say(f"serving {models} on http://{host}:{port} ({batching} batching, max batch {max_batch}, "
-               f"queue {queue_limit}); Ctrl-C drains and stops")
+    if as_json:
+        print(json.dumps({"url": f"http://{host}:{port}", **service.describe()}), flush=True)
+    else:
+        render.say(f"serving {models} on http://{host}:{port} ({batching} batching, max batch {max_batch}, "
+                   f"queue {queue_limit}); Ctrl-C drains and stops")
     serve(service, host, port)
-    render.say("stopped")
+    print(json.dumps({"stopped": True}) if as_json else "stopped", flush=True)
 
 
 def calibrate_cmd(
