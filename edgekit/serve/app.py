@@ -107,7 +107,7 @@ def create_app(service, start: bool = True):
             status, message, code = FAILED[reason]
             return error(status, message, code)
         metrics.http(200)
-        text = service.tokenizer.decode([t for t in req.tokens if t != service.tokenizer.eos_id])
+        text = service.tokenizer.decode([t for t in list(req.tokens) if t != service.tokenizer.eos_id])
         return JSONResponse(completion(rid, req.model, chat, text, reason, len(req.prompt), len(req.tokens),
                                        extra(req)))
 
@@ -125,7 +125,7 @@ def create_app(service, start: bool = True):
                     kind, value = await events.get()
                     if kind == "done":
                         break
-                    text = service.tokenizer.decode([t for t in req.tokens if t != service.tokenizer.eos_id])
+                    text = service.tokenizer.decode([t for t in list(req.tokens) if t != service.tokenizer.eos_id])
                     safe = text[:len(text) - held_back(text, stops)]
                     if len(safe) > len(sent) and safe.startswith(sent):
                         yield {"data": json.dumps(chunk(rid, req.model, chat, safe[len(sent):], None, first))}
@@ -136,7 +136,7 @@ def create_app(service, start: bool = True):
                     yield {"data": json.dumps(error_body(message, code, None, str(status)))}
                 else:
                     metrics.http(200)
-                    text = service.tokenizer.decode([t for t in req.tokens if t != service.tokenizer.eos_id])
+                    text = service.tokenizer.decode([t for t in list(req.tokens) if t != service.tokenizer.eos_id])
                     rest = text[len(sent):] if text.startswith(sent) else ""
                     yield {"data": json.dumps(chunk(rid, req.model, chat, rest, value, first))}
                 yield {"data": "[DONE]"}

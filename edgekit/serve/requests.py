@@ -132,7 +132,11 @@ def stop_checker(decode, stops: list[str]):
 
 
 def held_back(text: str, stops: list[str]) -> int:
-    """Characters at the end of `text` not yet safe to stream: the start of a stop string, or a partial character."""
+    """Characters at the end of `text` not yet safe to stream: from a stop string on, the start of one at the end,
+    or a partial character (the model thread may not have cut the tokens yet when the stream reads them)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return len(text) - min(hits)
     hold = 1 if text.endswith("\ufffd") else 0
     for s in stops:
         for n in range(min(len(s) - 1, len(text)), 0, -1):
