@@ -28,6 +28,7 @@ from edgekit.serve.requests import (
 from edgekit.serve.scheduler import QueueFull, Request, ShuttingDown
 
 _ids = itertools.count(1)
+MAX_BODY = 1 << 20  # bytes of one request body
 FAILED = {"timeout": (504, "the request timed out", "timeout"),
           "shutdown": (503, "the server is shutting down", "server_shutdown"),
           "cancelled": (499, "the request was cancelled", "cancelled"),
@@ -75,9 +76,21 @@ def create_app(service, start: bool = True):
         return Request(ids, min(parsed.max_tokens, room), parsed.temperature, parsed.top_k, parsed.top_p,
                        parsed.seed, stop_checker(tok.decode, parsed.stop), service.options.timeout, hold=hold)
 
+    async def read_body(request) -> bytes:
+        """The body, at most MAX_BODY bytes (a bigger one is refused before it is all read: memory stays bounded)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY:
+            raise BadRequest(f"the request body is larger than {MAX_BODY} bytes", 413)
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > MAX_BODY:
+                raise BadRequest(f"the request body is larger than {MAX_BODY} bytes", 413)
+        return bytes(body)
+
     async def complete(request, chat: bool):
         try:
-            parsed = parse_request(parse_body(await request.body()), chat, service.options.max_tokens)
+            parsed = parse_request(parse_body(await read_body(request)), chat, service.options.max_tokens)
             if parsed.model is not None and parsed.model not in [m.name for m in service.models]:
                 return error(404, f"model '{parsed.model}' is not served here (serving "
                              f"{', '.join(m.name for m in service.models)})", param="model", code="model_not_found")

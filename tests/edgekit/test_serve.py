@@ -263,6 +263,7 @@ def test_stop_strings_cut_the_text(service):
     (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "not served here"),
     (json.dumps({"prompt": [1, 999]}).encode(), 422, "token ids"),
     (json.dumps({"prompt": "x" * 1100}).encode(), 400, "context"),
+    (json.dumps({"prompt": "x" * (2 << 20)}).encode(), 413, "larger than"),
 ])
 def test_invalid_requests_get_a_clear_4xx(service, body, status, words):
     from starlette.testclient import TestClient
