@@ -104,6 +104,8 @@ class Scheduler:
         # waited `join_wait` decode steps (fewer prefill calls interrupting the running rows)
         self.join_rows, self.join_wait, self.steps = max(1, max_batch // 4), 4, 0
         self.fallback: Scheduler | None = None
+        self.upstream: Scheduler | None = None  # a cascade's primary, which hands requests over to this one
+        self.stopped = False
         self.batch = Batch(runner, thresholds)
         gated = getattr(runner.cfg, "gated_layers", None) or []
         self.gated = list(gated) if self.batch.spec.gated else []
@@ -165,15 +167,28 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and not self.batch.rows
 
+    def _done(self) -> bool:
+        """Draining, nothing left, and nothing more can be handed over (a cascade's primary has stopped)."""
+        return self.draining and self.idle() and (self.upstream is None or self.upstream.stopped)
+
     def _loop(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.stopped = True
+            if self.fallback is not None:  # the fallback may stop once nothing more can reach it
+                with self.fallback.cond:
+                    self.fallback.cond.notify()
+
+    def _run(self) -> None:
         try:
             while True:
                 if self.gate is not None:
                     self.gate.wait()
                 with self.cond:
-                    while self.idle() and not self.draining:
+                    while self.idle() and not self._done() and not (self.draining and self.upstream is None):
                         self.cond.wait()
-                    if self.draining and self.idle():
+                    if self._done():
                         return
                 self.step()
                 if self.draining and not self.idle() and self.clock() >= self.drain_deadline:

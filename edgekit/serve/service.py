@@ -169,6 +169,7 @@ def open_service(target: str | Path, fallback: str | Path | None = None, policy:
                 raise EdgekitError(f"{primary.name} and {fb.name} use different tokenizers",
                                    "a cascade needs two models with the same tokenizer")
             primary.scheduler.decide, primary.scheduler.fallback = pol.decide, fb.scheduler
+            fb.scheduler.upstream = primary.scheduler
             primary.scheduler.solo_prefill = True  # the probe reads the request's own prefill gate flags
     except BaseException:
         svc.stack.close()

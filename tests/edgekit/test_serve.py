@@ -439,6 +439,23 @@ def test_cascade_routes_below_threshold_to_the_fallback(onnx_r1_tiny, onnx_v3_ti
         assert out["choices"][0]["text"] == svc.tokenizer.decode([t for t in want if t != EOS])
 
 
+def test_cascade_drain_finishes_requests_handed_over_while_draining(onnx_r1_tiny, onnx_v3_tiny, tmp_path):
+    svc = open_service(onnx_r1_tiny, onnx_v3_tiny, _policy(tmp_path, "margin", 2.0), Options(max_batch=2))
+    try:  # margin <= 1 < 2.0: every request is handed to V3, after V3's thread was told to drain
+        gate = threading.Event()
+        svc.entry.gate = gate
+        reqs = [svc.entry.submit(Request([256, *b"sort 31="], 3)) for _ in range(3)]
+        svc.start()
+        svc.drain(600.0)
+        gate.set()
+        for m in svc.models:
+            m.scheduler.join(timeout=120)
+        assert not any(m.scheduler.thread.is_alive() for m in svc.models)
+        assert [(r.model, r.finish_reason in ("stop", "length")) for r in reqs] == [("v3-tiny", True)] * 3
+    finally:
+        svc.close()
+
+
 def test_cascade_policy_must_match_models(onnx_r1_tiny, onnx_v3_tiny, tmp_path):
     with pytest.raises(EdgekitError, match="calibrated for primary model r1-ref"):
         open_service(onnx_r1_tiny, onnx_v3_tiny, _policy(tmp_path, "margin", 0.0, primary="r1-ref"))
