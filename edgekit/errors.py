@@ -31,11 +31,13 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> EdgekitError:
 
 # the optional dependency groups of pyproject.toml: what each one is for, in the message of a missing library
 EXTRAS = {"export": "exporting, quantizing, calibrating and PyTorch runs need it", "hf": "Hugging Face models "
-          "need it", "plot": "plots need it", "gguf": "reading .gguf files needs it"}
+          "need it", "plot": "plots need it", "gguf": "reading .gguf files needs it",
+          "serve": "edgekit serve needs it"}
 # libraries of the extras, for the import errors no require() catches
 LIBRARY_EXTRA = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
                  "transformers": "export", "matplotlib": "plot", "gguf": "gguf",
-                 "accelerate": "gguf"}
+                 "accelerate": "gguf", "starlette": "serve", "uvicorn": "serve", "sse_starlette": "serve",
+                 "prometheus_client": "serve"}
 
 
 def require(module: str, extra: str = "export"):

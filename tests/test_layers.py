@@ -30,6 +30,7 @@ LAYERS = {
     # 5. workflows
     "edgekit.api": 5, "edgekit.plan": 5, "edgekit.shapes": 5, "edgekit.profiling": 5, "edgekit.bundle": 5,
     "edgekit.calibrate": 5, "edgekit.telemetry": 5, "edgekit.device": 5, "edgekit.engine": 5, "edgekit.fleet": 5,
+    "edgekit.serve": 5,
     # 6. the face
     "edgekit.cli": 6, "edgekit.render": 6,
 }

@@ -12,12 +12,12 @@ import sys
 
 import typer
 
-from edgekit.cli import bundle, engine, export, fleet, generate, models, plan, profile, render
+from edgekit.cli import bundle, engine, export, fleet, generate, models, plan, profile, render, serve
 from edgekit.errors import EdgekitError, missing_library
 
 app = typer.Typer(help="Quantize, export, validate, profile and package the V3 and R1 model families.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-for group in (models, generate, export, bundle, plan, profile, fleet, engine):  # the order of 'edgekit --help'
+for group in (models, generate, export, bundle, plan, profile, fleet, engine, serve):  # the order of 'edgekit --help'
     group.register(app)
 
 
