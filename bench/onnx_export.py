@@ -86,7 +86,8 @@ def timings(sess, spec: DecoderSpec, thresholds=None) -> tuple[float, float]:
     prefill = time.perf_counter() - t
     steps = []
     for i in range(DECODE):
-        feeds = {**feeds, "input_ids": np.array([[i + 1]], np.int64)}
+        feeds = {**feeds, "input_ids": np.array([[i + 1]], np.int64),
+                 "attention_mask": np.ones((1, PROMPT + i + 1), np.int64)}
         for past, present in zip(spec.past_names(), spec.present_names()):
             feeds[past] = out[present]
         t = time.perf_counter()

@@ -7,8 +7,8 @@ A pretrained qwen2 / llama / deepseek_v3 model has no skip gates, so we fit them
    layer makes to the residual stream.
 2. Fit. One cheap probe per layer on the layer's own normed input x = input_layernorm(h_in), which the
    layer computes anyway: log r ~ x . w + b, ridge least squares in float64 (normal equations, torch).
-   The gate predicts r_hat = exp(x . w + b) > 0 per token; one decision per layer per call, as R1:
-   the layer runs when mean(r_hat over batch and tokens) > threshold, else it is skipped.
+   The gate predicts r_hat = exp(x . w + b) > 0 per token; one decision per layer, row and call, as R1:
+   a row runs the layer when mean(r_hat over its real new tokens) > threshold, else it keeps its hidden state.
 3. Choose. On held-out calibration chunks: the probe's R^2, and perplexity at one threshold per
    "k layers skipped" step, both with one decision per chunk (a prompt) and one per token (decoding;
    computed in one pass, see GatedHFCausalLM.per_token); the default threshold is the largest whose
@@ -239,7 +239,8 @@ def _calibrate_skip(source: str | Path, data: str | Path, out: str | Path, layer
     chosen_decode = perplexity(gated, eval_chunks, threshold, per_token=True)
     stats = {"format": FORMAT, "source": str(source.resolve()), "model_type": cfg.model_type,
              "gated_layers": layers, "default_threshold": float(threshold),
-             "gate": "run layer i when mean over batch and tokens of exp(input_layernorm(h) . w_i + b_i) > threshold_i",
+             "gate": "run layer i for a row when the mean over its real new tokens of exp(input_layernorm(h) . w_i + "
+                     "b_i) > threshold_i (the layer runs when any row of the batch needs it)",
              "contribution": "||h_out - h_in|| / ||h_in|| per token",
              "kv_cache": "K/V of every layer computed and cached outside the condition; a skip drops query, "
                          "attention output and MLP",

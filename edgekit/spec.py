@@ -1,5 +1,11 @@
 """The description of an exported decoder graph, apart from the converter (STYLE.md, optimum):
-input/output names, dynamic axes and seeded dummy inputs. Every exporter and runtime uses it."""
+input/output names, dynamic axes and seeded dummy inputs. Every exporter and runtime uses it.
+
+Feeds: input_ids int64 [batch, seq]; attention_mask int64 [batch, past + seq] (Hugging Face convention: 1 = a real
+token, 0 = padding; padding only on the left of each row, so a row's real tokens, past included, are contiguous at
+the end; a real token's position = the number of real tokens before it in its row); thresholds float32 [n_layers]
+(gated families); past.i.key / past.i.value [batch, heads, past, dim]. A left-padded batch gives every row the
+logits that row gets alone (batch 1, no padding)."""
 
 from __future__ import annotations
 
@@ -8,7 +14,28 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgekit.config import ModelConfig
+from edgekit.errors import EdgekitError
 from edgekit.families import family, is_gated
+
+MASK = "attention_mask"
+
+
+def left_padding_mask(batch: int, total: int, pads=None) -> np.ndarray:
+    """int64 [batch, total]: 0 on the first pads[b] positions of row b, 1 after (pads None: all ones)."""
+    pads = np.zeros(batch, np.int64) if pads is None else np.broadcast_to(np.asarray(pads, np.int64), (batch,))
+    return (np.arange(total)[None, :] >= pads[:, None]).astype(np.int64)
+
+
+def check_mask(mask, batch: int, total: int) -> np.ndarray:
+    """The attention_mask feed as int64 [batch, total], or a one-line EdgekitError saying what is wrong."""
+    mask = np.asarray(mask)
+    if mask.shape != (batch, total):
+        raise EdgekitError(f"attention_mask must be [batch={batch}, past + seq={total}], got shape {mask.shape}",
+                           "pass one 0/1 entry per cached and new position of each row")
+    if mask.size and (((mask != 0) & (mask != 1)).any() or (mask[:, 1:] < mask[:, :-1]).any()):
+        raise EdgekitError("attention_mask must be 0/1 with the padding (0) only on the left of each row",
+                           "left-pad each row: its real tokens, past included, contiguous at the end")
+    return mask.astype(np.int64, copy=False)
 
 
 @dataclass(frozen=True)
@@ -50,14 +77,14 @@ class DecoderSpec:
 
     @property
     def input_names(self) -> list[str]:
-        return ["input_ids", *(["thresholds"] if self.gated else []), *self.past_names()]
+        return ["input_ids", MASK, *(["thresholds"] if self.gated else []), *self.past_names()]
 
     @property
     def output_names(self) -> list[str]:
         return ["logits", *self.present_names(), *(["executed"] if self.gated else [])]
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+        axes = {"input_ids": {0: "batch", 1: "seq"}, MASK: {0: "batch", 1: "total"}, "logits": {0: "batch", 1: "seq"}}
         for n in self.past_names():
             axes[n] = {0: "batch", 2: "past"}
         for n in self.present_names():
@@ -65,9 +92,11 @@ class DecoderSpec:
         return axes
 
     def dummy(self, batch: int, seq: int, past: int, seed: int = 0, thresholds=None,
-              text=None) -> dict[str, np.ndarray]:
+              text=None, pads=None) -> dict[str, np.ndarray]:
         """Seeded inputs for the graph: random tokens (or, with `text`, a token sequence, seeded windows
-        of it: in-distribution input for a trained model) and a random KV cache of length `past`."""
+        of it: in-distribution input for a trained model) and a random KV cache of length `past`.
+        pads: per row, how many of its past + seq positions are left padding (mask 0; the cache there stays
+        random: a correct graph ignores it); None = all ones."""
         cfg = self.cfg
         rng = np.random.default_rng(seed)
         if text is None:
@@ -76,7 +105,7 @@ class DecoderSpec:
             text = np.resize(np.asarray(text, np.int64), max(len(text), seq + 1))  # repeats a short text
             starts = rng.integers(0, len(text) - seq + 1, batch)
             ids = np.stack([text[s:s + seq] for s in starts]).reshape(batch, seq)
-        feeds = {"input_ids": ids}
+        feeds = {"input_ids": ids, MASK: left_padding_mask(batch, past + seq, pads)}
         if self.gated:
             thr = cfg.default_threshold if thresholds is None else thresholds
             feeds["thresholds"] = np.broadcast_to(np.asarray(thr, np.float32), (cfg.n_layers,)).copy()

@@ -29,22 +29,27 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.spec import DecoderSpec
+from edgekit.spec import MASK, DecoderSpec
 
 
 def cases(spec: DecoderSpec) -> list[dict]:
-    """Seeded (batch, seq, past) shapes x threshold settings that give different skip patterns."""
+    """Seeded (batch, seq, past) shapes (with left padding, `pads` per row) x threshold settings that give
+    different skip patterns."""
     cfg = spec.cfg
-    shapes = [(1, 1, 0), (2, 7, 0), (1, 1, 19), (3, 4, 2 * cfg.block_size + 5)]
+    routed = 2 * cfg.block_size + 5
+    shapes = [(1, 1, 0), (2, 7, 0), (1, 1, 19), (3, 4, routed)]
+    padded = [((3, 4, routed), (0, 7, routed - 1)),  # left padding in the past: rows that joined with shorter pasts
+              ((3, 9, 0), (0, 3, 8))]  # a left-padded prefill
     if cfg.memory_len:
         shapes.append((1, 4, cfg.memory_len - 2))  # crosses the segment memory: the cache is truncated
+    shapes = [(s, None) for s in shapes] + padded
     if not spec.gated:
-        return [{"shape": s, "thresholds": None, "label": "dense"} for s in shapes]
+        return [{"shape": s, "pads": p, "thresholds": None, "label": "dense"} for s, p in shapes]
     n = cfg.n_layers
     settings = {"run-all": np.zeros(n, np.float32), "skip-all-gated": np.full(n, 2.0, np.float32),
                 "skip-alternate": np.array([2.0 * (i % 2) for i in range(n)], np.float32),
                 "default": np.full(n, cfg.default_threshold, np.float32)}
-    return [{"shape": s, "thresholds": t, "label": k} for s in shapes for k, t in settings.items()]
+    return [{"shape": s, "pads": p, "thresholds": t, "label": k} for s, p in shapes for k, t in settings.items()]
 
 
 def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], names: list[str]) -> dict[str, dict]:
@@ -79,7 +84,7 @@ def run(reference, candidate, spec: DecoderSpec, fidelity: bool = False, text=No
     results = {"cases": [], "inputs": "random tokens" if text is None else text_source, "fidelity": fidelity}
     cos_all, agree, total = [], 0, 0
     for i, case in enumerate(cases(spec)):
-        feeds = spec.dummy(*case["shape"], seed=100 + i, thresholds=case["thresholds"], text=text)
+        feeds = spec.dummy(*case["shape"], seed=100 + i, thresholds=case["thresholds"], text=text, pads=case["pads"])
         if fidelity and case["shape"][2] > 0:
             b, seq, past = case["shape"]
             prefill = spec.dummy(b, past + (0 if text is None else seq), 0, seed=200 + i,
@@ -87,6 +92,7 @@ def run(reference, candidate, spec: DecoderSpec, fidelity: bool = False, text=No
             if text is not None:  # one continuous window of the text: the prefill, then what follows it
                 feeds["input_ids"] = prefill["input_ids"][:, past:]
                 prefill["input_ids"] = prefill["input_ids"][:, :past]
+            prefill[MASK] = feeds[MASK][:, :past]  # the same left padding
             ref = reference.infer({**feeds, **_cache_from(spec, reference.infer(prefill))})
             got = candidate.infer({**feeds, **_cache_from(spec, candidate.infer(prefill))})
         else:
@@ -95,6 +101,7 @@ def run(reference, candidate, spec: DecoderSpec, fidelity: bool = False, text=No
         relative = {n: s["max_abs_diff"] / max(1.0, s["scale"]) for n, s in stats.items()}
         worst = max(relative, key=relative.get)
         entry = {"batch_seq_past": list(case["shape"]), "setting": case["label"],
+                 **({"left_pads": list(case["pads"])} if case["pads"] is not None else {}),
                  "max_abs_diff": max(s["max_abs_diff"] for s in stats.values()),
                  "logits_max_abs_diff": stats["logits"]["max_abs_diff"], "logits_scale": stats["logits"]["scale"],
                  "worst_output": worst, "worst_relative_diff": relative[worst]}
@@ -159,7 +166,7 @@ def against_torch(model, candidate, min_cosine: float, advance=None) -> dict:
             for i, case in enumerate(cases(spec)):
                 if case["label"] not in ("run-all", "skip-all-gated"):
                     continue
-                feeds = spec.dummy(*case["shape"], seed=100 + i, thresholds=case["thresholds"])
+                feeds = spec.dummy(*case["shape"], seed=100 + i, thresholds=case["thresholds"], pads=case["pads"])
                 want, got = ref.infer(feeds)["executed"], candidate.infer(feeds)["executed"]
                 if not np.array_equal(want.astype(bool), got.astype(bool)):
                     raise EdgekitError(f"validation: skip pattern {got.astype(int).tolist()} != PyTorch "

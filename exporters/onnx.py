@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from edgekit.models import CausalLM
-from edgekit.spec import DecoderSpec
+from edgekit.spec import MASK, DecoderSpec
 from exporters.onnx_graph import iter_graphs
 
 OPSET = 18
@@ -25,9 +25,10 @@ class FlatDecoder(nn.Module):
         self.model = model
         self.gated = DecoderSpec(model.cfg).gated
 
-    def forward(self, input_ids, thresholds, *past_flat):
+    def forward(self, input_ids, attention_mask, thresholds, *past_flat):
         past = list(zip(past_flat[0::2], past_flat[1::2]))
-        logits, presents, executed = self.model(input_ids, past, thresholds if self.gated else None)
+        logits, presents, executed = self.model(input_ids, past, thresholds if self.gated else None,
+                                                attention_mask=attention_mask)
         flat = [t for kv in presents for t in kv]
         return (logits, *flat, executed) if self.gated else (logits, *flat)
 
@@ -51,17 +52,19 @@ def export_graph(model: CausalLM, path: Path, dtype: torch.dtype = torch.float32
     model = model.to(dtype).eval()
     b, s, p = example_shapes(model)
     feeds = spec.dummy(b, s, p, seed=0)
-    args = [torch.from_numpy(feeds["input_ids"])]
+    args = [torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds[MASK])]
     args.append(torch.from_numpy(feeds["thresholds"]) if spec.gated else torch.zeros(cfg.n_layers))
     args += [torch.from_numpy(feeds[n]).to(dtype) for n in spec.past_names()]
     batch = Dim("batch", min=1, max=1024)
     seq = Dim("seq", min=1, max=cfg.max_seq_len)
     past = Dim("past", min=0, max=cfg.memory_len or cfg.max_seq_len)
-    dynamic = {"input_ids": {0: batch, 1: seq}, "thresholds": None,
+    # the mask's length is past + seq: a sum of two dims, which torch.export cannot declare (derived dims have
+    # one root), so it is left for export to infer (Dim.AUTO); the ONNX axis is renamed "total" below
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.AUTO}, "thresholds": None,
                "past_flat": tuple({0: batch, 2: past} for _ in spec.past_names())}
     with torch.no_grad():
         program = torch.export.export(FlatDecoder(model), tuple(args), dynamic_shapes=dynamic, strict=False)
-        onnx_program = torch.onnx.export(program, tuple(args), input_names=[*spec.input_names[:1], "thresholds",
+        onnx_program = torch.onnx.export(program, tuple(args), input_names=["input_ids", MASK, "thresholds",
                                          *spec.past_names()], output_names=spec.output_names, opset_version=OPSET,
                                          dynamo=True, verbose=False)
     onnx_program.optimize()

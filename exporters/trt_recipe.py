@@ -140,6 +140,7 @@ def profile_shapes(spec, dims: dict) -> dict[str, dict[str, list[int]]]:
     for k, sel in enumerate(("min", "opt", "max")):
         b, s, p = dims["batch"][k], dims["seq"][k], dims["past"][k]
         shapes.setdefault("input_ids", {})[sel] = [b, s]
+        shapes.setdefault("attention_mask", {})[sel] = [b, p + s]
         for n in spec.past_names():
             shapes.setdefault(n, {})[sel] = [b, cfg.n_heads, p, cfg.head_dim]
     return shapes

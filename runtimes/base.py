@@ -20,8 +20,9 @@ copy the whole cache to the host and back for every token).
 Chunked prefill (runner option `prefill_chunk`, `--prefill-chunk N`): a step of more than N tokens is fed
 through the KV cache in pieces of at most N, so a prefill's activations (hidden states, score tensors,
 logits) are bounded by N tokens, not the prompt. The logits equal one call's (the cache makes each piece
-see exactly the keys it would have seen); a gated model decides its gates once per call, so a chunked R1
-prefill decides them per piece (a layer counts as executed when any piece ran it). None: one call.
+see exactly the keys it would have seen; a step's mask is cut into the same pieces); a gated model decides
+its gates once per call, so a chunked R1 prefill decides them per piece (a layer counts as executed when any
+piece ran it). None: one call.
 """
 
 from __future__ import annotations
@@ -32,21 +33,36 @@ from edgekit.errors import EdgekitError
 from edgekit.generation import Generated, Step
 from edgekit.generation import generate as run_generation
 from edgekit.resolve import Resolved
-from edgekit.spec import DecoderSpec
+from edgekit.spec import MASK, DecoderSpec, check_mask, left_padding_mask
 
 
 class Session:
-    """A KV-cache loop over `runner.infer`: step(ids [B, S]) -> (last-position logits [B, V], executed [L] | None).
+    """A KV-cache loop over `runner.infer`: step(ids [B, S], mask [B, S] | None) -> (last-position logits [B, V],
+    executed [L] | None).
 
     The first call is the prefill (S = prompt length), later calls decode (S = 1 usually). `length`
-    is the number of positions in the cache.
+    is the number of positions in the cache. `mask` marks the new tokens (1 real, 0 left padding, edgekit.spec;
+    None: all real); the session keeps the mask of its cache and feeds attention_mask = [kept, mask].
     """
 
     def __init__(self, runner: Runner, batch: int, thresholds=None):
         self.runner, self.batch = runner, batch
         self.cache = runner.spec.dummy(batch, 1, 0, thresholds=thresholds)
-        del self.cache["input_ids"]
+        del self.cache["input_ids"], self.cache[MASK]
         self.length = 0
+        self.mask = np.ones((batch, 0), np.int64)  # the cache's positions: 1 real, 0 padding
+
+    def extend_mask(self, ids: np.ndarray, mask) -> np.ndarray:
+        """attention_mask for this step: the kept mask then the new tokens' (checked: left padding only)."""
+        new = np.ones(ids.shape, np.int64) if mask is None else np.asarray(mask)
+        if new.shape != ids.shape:
+            raise EdgekitError(f"session step: the mask must have the shape of ids {ids.shape}, got {new.shape}")
+        return check_mask(np.concatenate([self.mask, new.astype(np.int64)], 1), self.batch,
+                          self.mask.shape[1] + ids.shape[1])
+
+    def keep_mask(self, full: np.ndarray, cached: int) -> None:
+        """After a step: the mask of the `cached` positions the cache holds now (V3's memory keeps the last ones)."""
+        self.mask = full[:, full.shape[1] - cached:]
 
     def check(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
@@ -54,11 +70,13 @@ class Session:
             raise EdgekitError(f"session step: ids must be [batch={self.batch}, seq>=1], got shape {ids.shape}")
         return ids
 
-    def step(self, ids) -> tuple[np.ndarray, np.ndarray | None]:
+    def step(self, ids, mask=None) -> tuple[np.ndarray, np.ndarray | None]:
         ids = self.check(ids)
-        out = self.runner.infer({**self.cache, "input_ids": ids})
+        full = self.extend_mask(ids, mask)
+        out = self.runner.infer({**self.cache, "input_ids": ids, MASK: full})
         for past, present in zip(self.runner.spec.past_names(), self.runner.spec.present_names()):
             self.cache[past] = out[present]
+        self.keep_mask(full, self.cache[self.runner.spec.past_names()[0]].shape[2])
         self.length += ids.shape[1]
         executed = out.get("executed")
         return out["logits"][:, -1], None if executed is None else np.asarray(executed).reshape(-1)
@@ -73,13 +91,14 @@ class ChunkedSession:
     def __getattr__(self, name):  # length, batch, cache ... are the inner session's
         return getattr(self.inner, name)
 
-    def step(self, ids) -> tuple[np.ndarray, np.ndarray | None]:
+    def step(self, ids, mask=None) -> tuple[np.ndarray, np.ndarray | None]:
         ids = self.inner.check(ids)
         if ids.shape[1] <= self.chunk:
-            return self.inner.step(ids)
+            return self.inner.step(ids, mask)
         ran = None
         for start in range(0, ids.shape[1], self.chunk):
-            logits, executed = self.inner.step(ids[:, start:start + self.chunk])
+            piece = None if mask is None else np.asarray(mask)[:, start:start + self.chunk]
+            logits, executed = self.inner.step(ids[:, start:start + self.chunk], piece)
             if executed is not None:
                 executed = np.asarray(executed).astype(bool)
                 ran = executed if ran is None else ran | executed
@@ -132,7 +151,7 @@ class Runner:
         """name -> (dtype, shape with symbolic axis names)."""
         axes = self.spec.dynamic_axes()
         cfg = self.cfg
-        meta = {"input_ids": ("int64", ("batch", "seq"))}
+        meta = {"input_ids": ("int64", ("batch", "seq")), MASK: ("int64", ("batch", "total"))}
         if self.spec.gated:
             meta["thresholds"] = ("float32", (cfg.n_layers,))
         for n in self.spec.past_names():
@@ -144,13 +163,18 @@ class Runner:
             raise EdgekitError(f"{self.name} runner is not active", "use it as a context manager")
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs for feeds named as in the spec; a missing attention_mask means no padding (all ones)."""
         self._check_active()
         expected = set(self.spec.input_names)
-        missing, extra = sorted(expected - set(feeds)), sorted(set(feeds) - expected)
+        missing, extra = sorted(expected - set(feeds) - {MASK}), sorted(set(feeds) - expected)
         if missing or extra:
             raise EdgekitError(f"{self.name}: wrong inputs: missing {missing[:4]}, unexpected {extra[:4]}")
         if feeds["input_ids"].ndim != 2:
             raise EdgekitError(f"input_ids must be [batch, seq], got shape {feeds['input_ids'].shape}")
+        b, s = feeds["input_ids"].shape
+        total = s + np.shape(feeds[self.spec.past_names()[0]])[2]
+        mask = feeds.get(MASK)
+        feeds = {**feeds, MASK: left_padding_mask(b, total) if mask is None else check_mask(mask, b, total)}
         return self.infer_impl(feeds)
 
     # generation --------------------------------------------------------------------------------

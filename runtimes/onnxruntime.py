@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgekit.errors import EdgekitError
+from edgekit.spec import MASK
 from runtimes.base import Runner, Session
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -36,11 +37,16 @@ class BoundSession(Session):
                        for n, v in self.cache.items()}
         self.cache = None
 
-    def step(self, ids) -> tuple[np.ndarray, np.ndarray | None]:
+    def step(self, ids, mask=None) -> tuple[np.ndarray, np.ndarray | None]:
         ids = self.check(ids)
         r = self.runner
+        full = self.extend_mask(ids, mask)
         binding = r.ort_session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
+        if r.has_mask:
+            binding.bind_cpu_input(MASK, full)
+        elif not full.all():
+            raise r.no_mask_error()
         for name, value in self.values.items():
             binding.bind_ortvalue_input(name, value)
         for name in r.output_names:
@@ -49,6 +55,7 @@ class BoundSession(Session):
         out = dict(zip(r.output_names, binding.get_outputs()))
         for past, present in zip(r.spec.past_names(), r.spec.present_names()):
             self.values[past] = out[present]
+        self.keep_mask(full, self.values[r.spec.past_names()[0]].shape()[2])
         self.length += ids.shape[1]
         executed = out["executed"].numpy().reshape(-1) if "executed" in out else None
         return out["logits"].numpy()[:, -1], executed
@@ -83,7 +90,9 @@ class OnnxRuntimeRunner(Runner):
             raise EdgekitError(f"onnxruntime cannot load {path}: {_first_line(e)}",
                                "the model file or its external data is damaged; export the artifact again") from None
         inputs = [i.name for i in self.ort_session.get_inputs()]
-        if sorted(inputs) != sorted(self.spec.input_names):
+        # an artifact exported before attention masks runs unpadded input (the mask is then not fed)
+        self.has_mask = MASK in inputs
+        if sorted(inputs) != sorted(n for n in self.spec.input_names if n != MASK or self.has_mask):
             missing = sorted(set(self.spec.input_names) - set(inputs))
             extra = sorted(set(inputs) - set(self.spec.input_names))
             raise EdgekitError(f"{path} does not match config.json (n_layers {self.cfg.n_layers}): graph inputs "
@@ -102,7 +111,16 @@ class OnnxRuntimeRunner(Runner):
                 "precision": self.resolved.manifest.get("precision", "fp32"), "onnxruntime": ort.__version__,
                 "threads": so.intra_op_num_threads or None, "iobinding": self.iobinding}
 
+    def no_mask_error(self) -> EdgekitError:
+        return EdgekitError(f"{self.resolved.name} was exported before attention masks: its graph has no "
+                            f"'{MASK}' input, so it cannot run left-padded rows",
+                            "export it again with this edgekit")
+
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.has_mask:
+            if not feeds[MASK].all():
+                raise self.no_mask_error()
+            feeds = {n: v for n, v in feeds.items() if n != MASK}
         try:
             return dict(zip(self.output_names, self.ort_session.run(self.output_names, feeds)))
         except Exception as e:  # a graph that loads but cannot run (damaged external data, wrong shapes)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import EdgekitError
+from edgekit.spec import MASK
 from edgekit.versions import engine_loadable
 from runtimes.base import Runner
 
@@ -107,7 +108,9 @@ class TensorRTRunner(Runner):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if sorted(inputs) != sorted(self.spec.input_names) or sorted(outputs) != sorted(self.spec.output_names):
+        self.has_mask = MASK in inputs  # an engine built from a graph exported before attention masks: unpadded only
+        expected = [n for n in self.spec.input_names if n != MASK or self.has_mask]
+        if sorted(inputs) != sorted(expected) or sorted(outputs) != sorted(self.spec.output_names):
             raise EdgekitError(f"{engine_file.name} does not match {self.cfg.name}'s graph: inputs {inputs[:3]}..., "
                                f"outputs {outputs[:3]}...", f"rebuild it: edgekit build-engine {path} --force")
         self.inputs, self.outputs = inputs, outputs
@@ -149,6 +152,9 @@ class TensorRTRunner(Runner):
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
+        if not self.has_mask and not feeds[MASK].all():
+            raise EdgekitError(f"{self.resolved.name}'s engine has no '{MASK}' input, so it cannot run left-padded "
+                               "rows", "export the model again with this edgekit and rebuild the engine")
         shapes = {n: tuple(np.shape(feeds[n])) for n in self.inputs}
         profile = self._profile_for(shapes)
         keep = []  # device buffers must outlive the launch

@@ -15,6 +15,7 @@ import copy
 import numpy as np
 
 from edgekit.errors import EdgekitError
+from edgekit.spec import MASK
 from runtimes.base import Runner, Session
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -25,6 +26,7 @@ class TorchSession(Session):
         import torch
 
         self.runner, self.batch, self.length = runner, batch, 0
+        self.mask = np.ones((batch, 0), np.int64)
         model = runner.model
         # R1: a RoutedCache (K/V written in place, block summaries: a decode step reads k + 1 blocks, not the cache)
         new_cache = getattr(model, "new_cache", None)
@@ -35,15 +37,20 @@ class TorchSession(Session):
             thr = np.broadcast_to(np.asarray(thr, np.float32), (runner.cfg.n_layers,)).copy()
             self.thresholds = torch.from_numpy(thr).to(runner.device)
 
-    def step(self, ids) -> tuple[np.ndarray, np.ndarray | None]:
+    def step(self, ids, mask=None) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
         ids = self.check(ids)
         r = self.runner
+        full = self.extend_mask(ids, mask)
+        # no padding: no mask (R1 keeps its RoutedCache); padding: R1 continues on the plain (k, v) cache
+        attn = torch.from_numpy(full).to(r.device) if not full.all() else None
         with torch.inference_mode():
-            logits, self.past, executed = r.model(torch.from_numpy(ids).to(r.device), self.past, self.thresholds)
+            logits, self.past, executed = r.model(torch.from_numpy(ids).to(r.device), self.past, self.thresholds,
+                                                  attention_mask=attn)
             last = logits[:, -1].float().cpu().numpy()
             flags = executed.cpu().numpy().reshape(-1) if r.spec.gated else None
+        self.keep_mask(full, getattr(self.past, "length", None) or self.past[0][0].shape[2])
         self.length += ids.shape[1]
         return last, flags
 
@@ -101,7 +108,8 @@ class TorchRunner(Runner):
         past = [(t(k), t(v)) for k, v in zip(self.spec.past_names()[::2], self.spec.past_names()[1::2])]
         thr = t("thresholds", torch.float32) if self.spec.gated else None
         with torch.inference_mode():
-            logits, presents, executed = self.model(t("input_ids", torch.long), past, thr)
+            logits, presents, executed = self.model(t("input_ids", torch.long), past, thr,
+                                                    attention_mask=t(MASK, torch.long))
         out = {"logits": logits.float().cpu().numpy()}
         names = iter(self.spec.present_names())
         for k, v in presents:

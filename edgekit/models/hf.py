@@ -17,6 +17,7 @@ from torch import nn
 
 from edgekit.errors import EdgekitError
 from edgekit.hfconfig import GATES_FILE, HFConfig, read_hf_config, require
+from edgekit.models.layers import pad_query_allowed, padding, row_scores
 
 
 def load(directory: Path) -> HFCausalLM:
@@ -96,23 +97,32 @@ class HFCausalLM(nn.Module):
         v = torch.zeros(batch, cfg.n_heads, 0, cfg.value_dim, dtype=dtype, device=device)
         return [(k, v) for _ in range(cfg.n_layers)]
 
-    def forward(self, input_ids: torch.Tensor, past=None, thresholds=None):
-        """-> logits [B,S,V], presents (per layer (k, v) as the model caches them), executed (all True)."""
+    def forward(self, input_ids: torch.Tensor, past=None, thresholds=None, attention_mask=None):
+        """-> logits [B,S,V], presents (per layer (k, v) as the model caches them), executed (all True).
+        attention_mask [B, P+S]: 1 real, 0 left padding (None: all ones); positions come from it."""
         from transformers import DynamicCache
 
         b, s = input_ids.shape
         past = past if past is not None else self.empty_past(b, input_ids.device)
         p = past[0][0].shape[2]
         cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in past])
-        pos = torch.arange(s, device=input_ids.device) + p  # [S]
-        keys = torch.arange(p + s, device=input_ids.device)  # [P+S]
-        dtype = self.embed.weight.dtype
-        mask = torch.where(keys[None, :] <= pos[:, None], torch.zeros((), dtype=dtype),
-                           torch.full((), torch.finfo(dtype).min, dtype=dtype))
-        out = self.hf(input_ids=input_ids, attention_mask=mask[None, None].expand(b, 1, s, p + s),
-                      position_ids=pos[None].expand(b, s), use_cache=True, **{self.cache_kw: cache})
+        mask, pos = masks_and_positions(attention_mask, b, p, s, self.embed.weight.dtype, input_ids.device)
+        out = self.hf(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                      **{self.cache_kw: cache})
         presents = [(layer.keys, layer.values) for layer in cache.layers]
         return out.logits, presents, torch.ones(self.cfg.n_layers, dtype=torch.bool, device=input_ids.device)
+
+
+def masks_and_positions(attention_mask, b: int, p: int, s: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The additive mask [B, 1, S, P+S] (causal, padding keys masked) and position_ids [B, S] (a real token's
+    position = the real tokens before it in its row) from edgekit's attention_mask [B, P+S] (None: all ones)."""
+    keep, pos = padding(attention_mask, b, p + s, device)
+    keys = torch.arange(p + s, device=device)
+    causal = keys[None, :] <= (torch.arange(s, device=device) + p)[:, None]  # [S, P+S] in slots
+    allowed = pad_query_allowed(causal, keep, p)
+    mask = torch.where(allowed, torch.zeros((), dtype=dtype, device=device),
+                       torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device))
+    return mask, pos[:, p:]
 
 
 def check_experts(model: HFCausalLM, candidate, spec, tolerance: float = 1e-3, max_inputs: int = 8) -> dict | None:
@@ -246,21 +256,17 @@ class GatedHFCausalLM(HFCausalLM):
     def default_thresholds(self) -> torch.Tensor:
         return torch.full((self.cfg.n_layers,), float(self.cfg.default_threshold))
 
-    def forward(self, input_ids: torch.Tensor, past=None, thresholds=None):
+    def forward(self, input_ids: torch.Tensor, past=None, thresholds=None, attention_mask=None):
         m = self.hf.model
         b, s = input_ids.shape
         dev = input_ids.device
         past = past if past is not None else self.empty_past(b, dev)
         thresholds = thresholds if thresholds is not None else self.default_thresholds().to(dev)
         p = past[0][0].shape[2]
-        pos = torch.arange(s, device=dev) + p  # [S]
-        keys = torch.arange(p + s, device=dev)  # [P+S]
         h = m.embed_tokens(input_ids)  # [B, S, D]
-        dtype = h.dtype
-        mask = torch.where(keys[None, :] <= pos[:, None], torch.zeros((), dtype=dtype, device=dev),
-                           torch.full((), torch.finfo(dtype).min, dtype=dtype, device=dev))
-        mask = mask[None, None].expand(b, 1, s, p + s)  # additive causal mask [B, 1, S, P+S]
-        cos, sin = m.rotary_emb(h, pos[None].expand(b, s))
+        mask, pos = masks_and_positions(attention_mask, b, p, s, h.dtype, dev)
+        qmask = None if attention_mask is None else attention_mask[:, p:] != 0  # [B, S] real new tokens
+        cos, sin = m.rotary_emb(h, pos)
         presents, executed = [], []
         for i, layer in enumerate(m.layers):
             x = layer.input_layernorm(h)
@@ -270,6 +276,9 @@ class GatedHFCausalLM(HFCausalLM):
 
             def run(h, x, k_all, v_all, cos, sin, mask, layer=layer):
                 return _layer_rest(self.cfg.model_type, layer, h, x, k_all, v_all, cos, sin, mask)
+
+            def run_rows(h, x, k_all, v_all, cos, sin, mask, rows, run=run):  # rows below the threshold keep h
+                return torch.where(rows[:, None, None], run(h, x, k_all, v_all, cos, sin, mask), h)
 
             gate = self.gates[str(i)] if str(i) in self.gates else None
             operands = (h, x, k_all, v_all, cos, sin, mask)
@@ -282,12 +291,13 @@ class GatedHFCausalLM(HFCausalLM):
                 h = torch.where(keep[..., None], run(*operands), h)
                 executed.append(keep)
                 continue
-            pred = gate(x).mean() > thresholds[i]  # 0-D bool: one decision per layer per call
+            rows = row_scores(gate(x), qmask) > thresholds[i]  # [B]: each row decides on its own real tokens
+            pred = rows.any()  # 0-D bool: the layer runs when any row's score exceeds the threshold
             if _exporting():
-                h = torch.cond(pred, run, lambda h, *_: h.clone(), operands)
+                h = torch.cond(pred, run_rows, lambda h, *_: h.clone(), (*operands, rows))
             elif bool(pred):
                 h_in = h
-                h = run(*operands)
+                h = run_rows(*operands, rows)
                 if self.record is not None:
                     r = (h - h_in).norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-12)  # [B, S]
                     self.record.append((i, x.detach(), r.detach()))

@@ -66,6 +66,33 @@ def relative_indices(dist: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor
     return local, glob
 
 
+def padding(attention_mask: torch.Tensor | None, b: int, total: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """From an attention_mask [B, total] (1 real, 0 left padding; None = all ones): keep bool [B, total], the
+    real positions, and pos long [B, total], each real token's position = the real tokens before it in its row
+    (pads: 0)."""
+    if attention_mask is None:
+        keep = torch.ones(b, total, dtype=torch.bool, device=device)
+        return keep, torch.arange(total, device=device).expand(b, total)
+    keep = attention_mask != 0
+    return keep, (torch.cumsum(keep.long(), 1) - 1).clamp(min=0)
+
+
+def pad_query_allowed(allowed: torch.Tensor, keep: torch.Tensor, p: int) -> torch.Tensor:
+    """allowed [.., S, K] (causal) & key padding, keep [B, K]; a padding query keeps its causal keys (only
+    padding, itself included) so its hidden state stays finite -> [B, 1, S, K]."""
+    key_ok = keep[:, None, :] | ~keep[:, p:, None]  # [B, S, K]
+    return (allowed & key_ok).unsqueeze(1)
+
+
+def row_scores(score: torch.Tensor, qmask: torch.Tensor | None) -> torch.Tensor:
+    """A gate's per-token score [B, S] -> per row [B]: the mean over the row's real new tokens (padding excluded),
+    so a row decides as it would alone."""
+    if qmask is None:
+        return score.mean(1)
+    w = qmask.to(score.dtype)
+    return (score * w).sum(1) / w.sum(1).clamp(min=1)
+
+
 class RelativePosition(nn.Module):
     """Two-level dynamic relative position bias [B, H, S, K].
 
@@ -83,8 +110,10 @@ class RelativePosition(nn.Module):
 
     def forward(self, x: torch.Tensor, local_idx: torch.Tensor, global_idx: torch.Tensor) -> torch.Tensor:
         local_tab = F.pad(self.local, (0, 1))  # entry local_window = 0: beyond the window
-        lb = local_tab[:, local_idx]  # [H, S, K]
-        gb = self.glob[:, global_idx]  # [H, S, K]
+        lb = local_tab[:, local_idx]  # [H, S, K], or [H, B, S, K] for per-row indices [B, S, K]
+        gb = self.glob[:, global_idx]
+        if local_idx.dim() == 3:
+            lb, gb = lb.transpose(0, 1), gb.transpose(0, 1)  # [B, H, S, K]
         g = torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1)  # [B, H, S, 1]
         return g * lb + (1 - g) * gb
 
@@ -169,6 +198,7 @@ class CausalLM(nn.Module):
         return torch.full((self.cfg.n_layers,), self.cfg.default_threshold)
 
     def forward(self, input_ids: torch.Tensor, past: Past | None = None,
-                thresholds: torch.Tensor | None = None):
-        """-> logits [B,S,V], presents (per layer (k, v) [B,Hkv,K',D]), executed bool [n_layers]."""
+                thresholds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
+        """-> logits [B,S,V], presents (per layer (k, v) [B,Hkv,K',D]), executed bool [n_layers].
+        attention_mask [B, P+S] (edgekit.spec: 1 real, 0 left padding; None = all ones)."""
         raise NotImplementedError

@@ -13,6 +13,13 @@ memory is O(chunk x (k + 1) x block) and arithmetic O(n log n) (`routed_attentio
 Generation keeps a RoutedCache (K/V written in place + the mean K of every completed block), so a decode step
 routes over n / block summaries and reads (k + 1) blocks of K/V, never the whole cache.
 
+Left padding (attention_mask, edgekit.spec): routing depends on absolute positions, so each row's blocks are
+defined on its REAL positions. A row with o_b pads has its keys gathered into aligned coordinates inside the layer
+(real position j at index j, zeros after: right padding, never eligible: only complete blocks before a query are
+routed, and the own block causally), and the kernels take per-row query positions [B, 1, S]; the cache itself
+stays in slot order. A padding query reads aligned position 0 (finite, ignored). The eager RoutedCache has no
+padding: a padded call falls back to the plain (k, v) cache.
+
 Sharing: layer l runs block l % unique_blocks. Gates are per layer (cheap: one C-vector each).
 Selective activation: a gated layer computes its K/V and appends them to the cache outside the
 condition (the cache stays valid whatever is skipped); the condition score > threshold decides only
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekit.config import ModelConfig, route_k
-from edgekit.models.layers import Attention, Block, CausalLM, Past, relative_indices
+from edgekit.models.layers import Attention, Block, CausalLM, Past, padding, relative_indices, row_scores
 
 ATTENTION = "blocks"  # default kernel of new R1 models: "blocks" (per key block, eager prefill), "gather" (per
 # query: the exported kernel, and eager decode) or "dense" (the masked-dense oracle); all three give the same results
@@ -41,23 +48,23 @@ GATHER_BELOW = 8  # eager: fewer new tokens (decode) use the gather kernel (the 
 def routed_allowed(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mask [B, H, S, K]: own block up to the query, plus the top-k routed earlier key blocks.
 
-    The masked-dense oracle (k [B, H, K, D], one K head per query head). Ties in the routing score go to
-    the lower block index (stable sort), the rule the gather kernel follows too."""
+    The masked-dense oracle (k [B, H, K, D], one K head per query head; qpos [S], or per row [B, 1, S]).
+    Ties in the routing score go to the lower block index (stable sort), the rule the gather kernel follows too."""
     b, h, n_keys, d = k.shape
     n_kb = (n_keys + block_size - 1) // block_size
     k_pad = torch.nn.functional.pad(k, (0, 0, 0, n_kb * block_size - n_keys))
     k_mean = k_pad.reshape(b, h, n_kb, block_size, d).mean(3)  # [B, H, NB, D]
     route = q @ k_mean.transpose(-1, -2)  # [B, H, S, NB]
-    qblk = torch.div(qpos, block_size, rounding_mode="floor")  # [S]
+    qblk = torch.div(qpos, block_size, rounding_mode="floor")  # [S] / [B, 1, S]
     kb = torch.arange(n_kb, device=q.device)
-    eligible = kb[None, :] < qblk[:, None]  # complete earlier blocks [S, NB]
+    eligible = kb < qblk[..., None]  # complete earlier blocks [(B, 1,) S, NB]
     route = route.masked_fill(~eligible, float("-inf"))
     rank = route.argsort(dim=-1, descending=True, stable=True).argsort(-1)  # 0 = best block
     k_per_query = torch.log2((qblk + 1).float()).floor().clamp(min=1).long()  # route_k(qblk + 1)
-    selected = (rank < k_per_query[:, None]) & eligible  # [B, H, S, NB]
+    selected = (rank < k_per_query[..., None]) & eligible  # [B, H, S, NB]
     kpos = torch.arange(n_keys, device=q.device)
     kblk = torch.div(kpos, block_size, rounding_mode="floor")
-    local = (kblk[None, :] == qblk[:, None]) & (kpos[None, :] <= qpos[:, None])  # [S, K]
+    local = (kblk == qblk[..., None]) & (kpos <= qpos[..., None])  # [(B, 1,) S, K]
     return selected[..., kblk] | local
 
 
@@ -163,7 +170,7 @@ def _route(qc: torch.Tensor, kvb: KeyBlocks, qblk: torch.Tensor, km: int, expand
         return blocks, valid
     k_mean = expand(kvb.means[:, :, :kvb.n_blocks])  # [B, H, NB, D]
     route = qc @ k_mean.transpose(-1, -2)  # [B, H, C, NB]
-    eligible = torch.arange(kvb.n_blocks, device=qc.device)[None, :] < qblk[:, None]
+    eligible = torch.arange(kvb.n_blocks, device=qc.device) < qblk[..., None]  # [(B, 1,) C, NB]
     route = route.masked_fill(~eligible, float("-inf"))
     route = F.pad(route, (0, km), value=float("-inf"))  # at least km columns
     if exporting:  # ONNX TopK breaks ties to the lower index, as the stable sort does
@@ -172,7 +179,7 @@ def _route(qc: torch.Tensor, kvb: KeyBlocks, qblk: torch.Tensor, km: int, expand
         best, order = route.sort(dim=-1, descending=True, stable=True)
         best, order = best[..., :km], order[..., :km]  # [B, H, C, km]
     k_per_query = torch.log2((qblk + 1).float()).floor().clamp(min=1).long()
-    chosen = (torch.arange(km, device=qc.device) < k_per_query[:, None]) & (best > float("-inf"))
+    chosen = (torch.arange(km, device=qc.device) < k_per_query[..., None]) & (best > float("-inf"))
     order = torch.where(chosen, order, blocks)  # unused slots point at the own block, masked
     return torch.cat([order, blocks], -1), torch.cat([chosen, valid], -1)
 
@@ -188,7 +195,7 @@ def _gather_chunk(attn: Attention, cfg: ModelConfig, kvb: KeyBlocks, qc, pos, gc
     kg = kvb.k.index_select(0, rows).view(b, h, c, n_slots, bs, d)  # [B, H, C, J, bs, D]: whole rows, memcpy
     vg = kvb.v.index_select(0, rows).view(b, h, c, n_slots, bs, d)
     kpos = blocks[..., None] * bs + torch.arange(bs, device=qc.device)  # [B, H, C, J, bs]
-    dist = pos[:, None, None] - kpos
+    dist = pos[..., None, None] - kpos  # pos [C] or per row [B, 1, C]
     allowed = valid[..., None] & (dist >= 0)  # routed blocks lie before the query; the own block causally
     local_idx, global_idx = relative_indices(dist, cfg)
     local_tab = F.pad(attn.relpos.local, (0, 1)).reshape(-1)  # entry local_window = 0: beyond the window
@@ -246,7 +253,7 @@ def _blocks_chunk(attn: Attention, cfg: ModelConfig, kvb: KeyBlocks, qc, pos, gc
     qt = qc.new_zeros(n_tiles, tile, d)
     qt[t_idx, lane] = qc.reshape(-1, d)[bhc]
     scores = (qt @ kvb.k.index_select(0, tile_row).transpose(1, 2))[t_idx, lane] * (1.0 / math.sqrt(d))  # [P, bs]
-    base = pos[bhc % c] - blk * bs  # distance to the block's first key
+    base = pos.expand(b, h, c).reshape(-1)[bhc] - blk * bs  # distance to the block's first key
     w = kvb.n_keys - 1 - base
     local, glob = tables
     gp = gc.reshape(-1)[bhc][:, None]
@@ -267,7 +274,8 @@ def routed_attention(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q: torc
     """Routed attention, equal to the masked-dense oracle (routed_allowed + Attention.forward).
 
     x [B,S,C] normed input, q [B,H,S,D], k_all/v_all [B,Hkv,K,D] (or kvb, their KeyBlocks, e.g. a RoutedCache's),
-    qpos [S] absolute positions (< K). Each query ranks the complete earlier key blocks by q . mean(K of block),
+    qpos [S] absolute positions (< K), or per row [B, 1, S] (left padding: keys in aligned coordinates).
+    Each query ranks the complete earlier key blocks by q . mean(K of block),
     keeps the best k = route_k(own block index + 1) of them (ties: lower block index), and attends to exactly those
     blocks plus its own block (causally). Queries run in chunks of `chunk`, so memory is O(chunk x (k + 1) x block),
     never O(S x K). The relative-position bias is looked up for the read keys by their true distances.
@@ -287,15 +295,16 @@ def routed_attention(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q: torc
     chunk = s if exporting or not chunk else chunk
     outs = []
     for c0 in [0] if exporting else range(0, s, chunk):  # export: one chunk (no shape-dependent loop)
-        qc, pos, gc = (q, qpos, g) if exporting else (q[:, :, c0:c0 + chunk], qpos[c0:c0 + chunk],
-                                                      g[:, :, c0:c0 + chunk])  # [B,H,C,D], [C], [B,H,C]
+        qc, pos, gc = (q, qpos, g) if exporting else (q[:, :, c0:c0 + chunk], qpos[..., c0:c0 + chunk],
+                                                      g[:, :, c0:c0 + chunk])  # [B,H,C,D], [(B,1,)C], [B,H,C]
         qblk = torch.div(pos, bs, rounding_mode="floor")
         if kmax is not None:
             km = kmax
         elif exporting:
             km = max_route_k(cfg)
         else:  # the exact maximum over the chunk; a query in block qb has qb earlier complete blocks
-            km = min(route_k(int(qblk[-1]) + 1), int(qblk[-1]))
+            top = int(qblk.max())
+            km = min(route_k(top + 1), top)
         blocks, valid = _route(qc, kvb, qblk, km, attn.expand_kv, exporting)
         if blocks_kernel:
             outs.append(_blocks_chunk(attn, cfg, kvb, qc, pos, gc, blocks, valid, tables))
@@ -306,8 +315,9 @@ def routed_attention(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q: torc
 
 
 class Gate(nn.Module):
-    """Per-token score sigmoid(rmsnorm(h) . w + b) [B, S]. At inference one decision per call:
-    the mean score over batch and tokens against the layer's threshold (decode: one token)."""
+    """Per-token score sigmoid(rmsnorm(h) . w + b) [B, S]. At inference one decision per row and call: the
+    mean score over the row's real new tokens against the layer's threshold (decode: one token); the layer
+    runs (one `If`) when any row's score exceeds it, and rows below it keep their hidden state."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -338,22 +348,35 @@ class R1(CausalLM):
         return RoutedCache(self.cfg, batch, device or w.device, dtype or w.dtype)
 
     def forward(self, input_ids: torch.Tensor, past: Past | None = None,
-                thresholds: torch.Tensor | None = None):
+                thresholds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
         cfg = self.cfg
         b, s = input_ids.shape
         dev = input_ids.device
         past = past if past is not None else self.empty_past(b, dev)
         cache = past if isinstance(past, RoutedCache) else None
+        # exported graphs always take the per-row path (no data-dependent shape of the graph); eager only when padded
+        padded = attention_mask is not None and (_exporting() or not bool(attention_mask.all()))
+        if cache is not None and padded:  # the RoutedCache has no padding: continue on the plain (k, v) cache
+            past, cache = cache.as_past() if cache.length else self.empty_past(b, dev), None
         thresholds = thresholds if thresholds is not None else self.default_thresholds().to(dev)
         p = cache.length if cache is not None else past[0][0].shape[2]
         if cache is not None:
             cache.reserve(p + s)
-        qpos = torch.arange(s, device=dev) + p  # absolute positions (R1's cache is never truncated)
+        qmask = src = valid = None
+        if padded:  # per row: real positions, and where each aligned key comes from
+            keep, pos = padding(attention_mask, b, p + s, dev)
+            qpos = pos[:, None, p:]  # [B, 1, S]; a padding query sits at 0
+            qmask = keep[:, p:]
+            src = torch.arange(p + s, device=dev) + (~keep).sum(1, keepdim=True)  # [B, K]: aligned j <- slot j + o_b
+            valid = src < p + s
+            src = src.clamp(max=p + s - 1)
+        else:
+            qpos = torch.arange(s, device=dev) + p  # absolute positions (R1's cache is never truncated)
         impl = self.attention_impl
         dense = impl == "dense"
         if dense:
-            dist = qpos[:, None] - torch.arange(p + s, device=dev)[None, :]
-            local_idx, global_idx = relative_indices(dist, cfg)
+            dist = qpos[..., None] - torch.arange(p + s, device=dev)  # [S, K] / [B, 1, S, K]
+            local_idx, global_idx = relative_indices(dist if dist.dim() == 2 else dist[:, 0], cfg)
         else:  # unused by the routed kernels (they look up the read keys' distances themselves)
             local_idx = global_idx = qpos
         kernel = "gather" if impl == "gather" or _exporting() or s < GATHER_BELOW else "blocks"  # no guard on seq
@@ -374,7 +397,9 @@ class R1(CausalLM):
                 presents.append((k_all, v_all))
                 kvb = None
 
-            def run(h, x, k_all, v_all, qpos, local_idx, global_idx, block=block, kvb=kvb):
+            def run(h, x, k_all, v_all, qpos, local_idx, global_idx, src, valid, block=block, kvb=kvb):
+                if src is not None:  # left padding: each row's keys in aligned coordinates (inside the If)
+                    k_all, v_all = align_keys(k_all, src, valid), align_keys(v_all, src, valid)
                 q = block.attn.query(x)
                 if dense:
                     allowed = routed_allowed(q, block.attn.expand_kv(k_all), qpos, cfg.block_size)
@@ -383,13 +408,17 @@ class R1(CausalLM):
                                          kernel=kernel, kvb=kvb)
                 return h + block.mlp(block.mlp_norm(h))
 
+            def run_rows(h, *rest, run=run):  # the rows whose own score is below the threshold keep h
+                *operands, rows = rest
+                return torch.where(rows[:, None, None], run(h, *operands), h)
+
             gate = self.gates[str(layer)] if str(layer) in self.gates else None
+            operands = (h, x, k_all, v_all, qpos, local_idx, global_idx, src, valid)
             if gate is None:
-                h = run(h, x, k_all, v_all, qpos, local_idx, global_idx)
+                h = run(*operands)
                 executed.append(torch.ones((), dtype=torch.bool, device=dev))
                 continue
             score = gate(h)  # [B, S]
-            operands = (h, x, k_all, v_all, qpos, local_idx, global_idx)
             if self.training:  # per-token hard gate with a straight-through gradient to the score
                 hard = (score > thresholds[layer]).to(h.dtype)
                 mix = (hard + score - score.detach()).unsqueeze(-1)
@@ -397,16 +426,24 @@ class R1(CausalLM):
                 self.gate_scores.append(score)
                 executed.append(hard.mean() > 0.5)
                 continue
-            pred = score.mean() > thresholds[layer]  # 0-D bool
+            rows = row_scores(score, qmask) > thresholds[layer]  # [B]: each row on its own real new tokens
+            pred = rows.any()  # 0-D bool: the layer runs (one If) when any row's score exceeds the threshold
             if _exporting():
-                h = torch.cond(pred, run, lambda h, *_: h.clone(), operands)
+                h = torch.cond(pred, run_rows, lambda h, *_: h.clone(), (*operands, rows))
             elif bool(pred):
-                h = run(*operands)
+                h = run(*operands) if bool(rows.all()) else run_rows(*operands, rows)
             executed.append(pred)
         if cache is not None:
             cache.length = p + s
             presents = cache
         return self.head(h), presents, torch.stack(executed)
+
+
+def align_keys(t: torch.Tensor, src: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, K, D] in slot order -> aligned (row b's real position j at index j, zeros after): src/valid [B, K]."""
+    b, hkv, n, d = t.shape
+    got = t.gather(2, src[:, None, :, None].expand(b, hkv, n, d))
+    return got.masked_fill(~valid[:, None, :, None], 0.0)
 
 
 def attended_positions(cfg: ModelConfig, n: int, seed: int = 0) -> int:

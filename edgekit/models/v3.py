@@ -1,6 +1,10 @@
 """V3: dense causal decoder with the two-level dynamic relative position encoding and
 Transformer-XL segment memory (the KV cache keeps the last memory_len positions, and every query
-attends to at most memory_len earlier positions, so cached decoding equals a full forward)."""
+attends to at most memory_len earlier positions, so cached decoding equals a full forward).
+
+Left padding (attention_mask) is a key-padding mask and nothing more: the bias depends only on distances, and a
+row's real tokens are contiguous, so slot distances between them are their true distances; the memory keeps the
+last memory_len slots, which hold the row's last memory_len real tokens (and padding, masked) exactly as alone."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import torch
 from torch import nn
 
 from edgekit.config import ModelConfig
-from edgekit.models.layers import Block, CausalLM, Past, relative_indices
+from edgekit.models.layers import Block, CausalLM, Past, pad_query_allowed, padding, relative_indices
 
 
 def dense_allowed(dist: torch.Tensor, memory_len: int) -> torch.Tensor:
@@ -23,7 +27,7 @@ class V3(CausalLM):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
 
     def forward(self, input_ids: torch.Tensor, past: Past | None = None,
-                thresholds: torch.Tensor | None = None):
+                thresholds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
         cfg = self.cfg
         b, s = input_ids.shape
         past = past if past is not None else self.empty_past(b, input_ids.device)
@@ -31,6 +35,8 @@ class V3(CausalLM):
         qpos = torch.arange(s, device=input_ids.device) + p  # positions inside the kept window
         dist = qpos[:, None] - torch.arange(p + s, device=input_ids.device)[None, :]  # [S, K]
         allowed = dense_allowed(dist, cfg.memory_len)
+        if attention_mask is not None:  # [B, 1, S, K]: padding keys masked
+            allowed = pad_query_allowed(allowed, padding(attention_mask, b, p + s, input_ids.device)[0], p)
         local_idx, global_idx = relative_indices(dist, cfg)
 
         h = self.embed(input_ids)  # [B, S, C]

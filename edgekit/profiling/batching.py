@@ -36,7 +36,7 @@ def plan_dynamic(lengths: list[int], new_tokens: int, budget: int) -> list[list[
 
 def run_workload(runner, lengths: list[int], groups: list[list[int]], new_tokens: int, thresholds, seed: int,
                  pad: int, advance) -> dict:
-    """Every group: left-padded prefill + decode; wall time over all groups."""
+    """Every group: left-padded prefill (with its attention mask) + decode; wall time over all groups."""
     rng = np.random.default_rng(seed + 2)
     vocab = min(runner.cfg.vocab_size, 256)
     prompts = [rng.integers(0, vocab, n, dtype=np.int64) for n in lengths]
@@ -46,11 +46,13 @@ def run_workload(runner, lengths: list[int], groups: list[list[int]], new_tokens
     for group in groups:
         width = max(lengths[i] for i in group)
         ids = np.full((len(group), width), pad, dtype=np.int64)
+        mask = np.zeros((len(group), width), dtype=np.int64)
         for row, i in enumerate(group):
             ids[row, width - lengths[i]:] = prompts[i]
+            mask[row, width - lengths[i]:] = 1
         padded += ids.size
         real += sum(lengths[i] for i in group)
-        one_run(runner, ids, new_tokens, thresholds, s, lambda *a: None)
+        one_run(runner, ids, new_tokens, thresholds, s, lambda *a: None, mask)
         advance(1)
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "batches": len(groups), "rows_per_batch_mean": len(lengths) / len(groups),
@@ -62,9 +64,9 @@ def run_workload(runner, lengths: list[int], groups: list[list[int]], new_tokens
 def workload_report(work: dict, lengths: list[int], budget: int, batch: int, new_tokens: int, n: int) -> dict:
     """Per batching mode, the pass with the median throughput (passes alternate between the modes)."""
     out = {"requests": n, "prompt_lengths": lengths, "new_tokens": new_tokens, "batch": batch, "token_budget": budget,
-           "note": "prompts are left-padded within a batch; the graph has no attention mask, so padded rows' "
-                   "outputs are approximate: this measures cost, not quality. R1 takes one gate decision per "
-                   "call for the whole batch, so batching also changes which layers run."}
+           "note": "prompts are left-padded within a batch and masked (attention_mask), so every row gets the "
+                   "tokens it gets alone. R1's gates decide per row; a layer runs (its If) when any row of the "
+                   "batch needs it, so batching lowers how often a layer is skipped as a whole."}
     for mode, passes in work.items():
         if not passes:
             continue

@@ -39,15 +39,17 @@ def seeded_prompts(batch: int, length: int, vocab: int, seed: int) -> np.ndarray
     return np.random.default_rng(seed).integers(0, min(vocab, 256), (batch, length), dtype=np.int64)
 
 
-def one_run(runner, prompts: np.ndarray, new_tokens: int, thresholds, sink: Samples | None, advance) -> None:
-    """Prefill + (new_tokens - 1) greedy decode steps; times go to `sink` (None: warm-up)."""
+def one_run(runner, prompts: np.ndarray, new_tokens: int, thresholds, sink: Samples | None, advance,
+            mask: np.ndarray | None = None) -> None:
+    """Prefill + (new_tokens - 1) greedy decode steps; times go to `sink` (None: warm-up). mask: the prompts'
+    attention mask (0 = left padding), None = no padding."""
     batch = prompts.shape[0]
     sess = runner.session(batch, thresholds)
     t0 = time.perf_counter()
     token = prompts
     for i in range(new_tokens):  # step 0: the prefill (time to first token), then greedy decode steps
         ta = time.perf_counter()
-        logits, executed = sess.step(token)
+        logits, executed = sess.step(token, mask if i == 0 else None)
         token = logits.argmax(-1).reshape(batch, 1)
         seconds = time.perf_counter() - ta
         if sink is not None:
@@ -69,7 +71,8 @@ def gating(cfg, executed: list[np.ndarray], decode_executed: list[np.ndarray]) -
         return None
     gated = list(cfg.gated_layers)
     out = {"gated_layers": gated, "calls": len(executed),
-           "note": "one gate decision per layer per call, shared by every row of the batch"}
+           "note": "each row decides each gated layer on its own tokens; a layer counts as executed in a call "
+                   "when it ran for any row of the batch"}
     if not executed:
         return out
     ex = np.stack(executed).astype(bool)  # [calls, layers]

@@ -20,11 +20,11 @@ def calls(monkeypatch):
     seen: list[int] = []
     step = ChunkedSession.step
 
-    def spy(self, ids):
+    def spy(self, ids, mask=None):
         inner = self.inner.step
-        self.inner.step = lambda part: seen.append(part.shape[1]) or inner(part)
+        self.inner.step = lambda part, *rest: seen.append(part.shape[1]) or inner(part, *rest)
         try:
-            return step(self, ids)
+            return step(self, ids, mask)
         finally:
             self.inner.step = inner
 

@@ -347,12 +347,15 @@ def test_recipe_for_a_jetson_and_its_trtexec_command():
     assert recipe["tensorrt"] == {"versions": ["8.6.2", "10.3"], "refused": {"8.5.2": "TopK ..."}}
     assert recipe["timing_cache"] == "timing.cache" and recipe["workspace_bytes"] >= 64 * R.MIB
     assert [p["name"] for p in recipe["profiles"]] == ["decode", "prefill"]
-    names = ["input_ids"] + [f"past.{i}.{kv}" for i in range(cfg.n_layers) for kv in ("key", "value")]
+    names = ["input_ids", "attention_mask"] + [f"past.{i}.{kv}" for i in range(cfg.n_layers) for kv in ("key", "value")]
     for p in recipe["profiles"]:
         assert list(p["shapes"]) == names
         assert p["shapes"]["past.3.value"]["max"] == [p["dims"]["batch"][2], 4, p["dims"]["past"][2], 16]
+        d = p["dims"]
+        assert p["shapes"]["attention_mask"]["max"] == [d["batch"][2], d["past"][2] + d["seq"][2]]  # past + seq
     cmd = recipe["trtexec"]
-    assert cmd.startswith("trtexec --onnx=model.onnx --fp16 --minShapes=input_ids:1x1,past.0.key:1x4x0x16")
+    assert cmd.startswith("trtexec --onnx=model.onnx --fp16 --minShapes=input_ids:1x1,attention_mask:1x1,"
+                          "past.0.key:1x4x0x16")
     assert "--maxShapes=" in cmd and "--timingCacheFile=timing.cache" in cmd and "--saveEngine=model.engine" in cmd
     assert f"--memPoolSize=workspace:{recipe['workspace_bytes'] // R.MIB}" in cmd
     assert R.make_recipe(cfg, orin, "int4", 512, 100_000, 21, ["10.3"], {})["builder_flags"] == ["FP16", "INT4"]

@@ -183,7 +183,7 @@ def chunked_vs_one_call(one, chunked, prompt, thresholds=None, steps: int = 3):
     a, b = one.session(prompt.shape[0], thresholds), chunked.session(prompt.shape[0], thresholds)
     calls = []
     inner_step = b.inner.step
-    b.inner.step = lambda ids: calls.append(ids.shape[1]) or inner_step(ids)
+    b.inner.step = lambda ids, *rest: calls.append(ids.shape[1]) or inner_step(ids, *rest)
     la, ea = a.step(prompt)
     lb, eb = b.step(prompt)
     diff = [np.abs(la - lb).max()]
