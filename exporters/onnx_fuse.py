@@ -11,12 +11,12 @@ RoPE, repeat_kv Expand/Reshape for grouped-query heads, QK^T, scale, mask Add, S
   RMSNorm    -> SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (onnxruntime.transformers'
                 optimizer, opt_level 0, which matches the dynamo form; ORT's load-time fusion does not).
 
-ONNX Runtime's CPU GroupQueryAttention refuses one shape: batch > 1 with several new tokens on a non-empty past
-("batch_size must be 1 when sequence_length > 1 and past context is given"; measured on 1.32). So the fused graph
-is one `If` at the top: batch == 1 or seq == 1 or past == 0 (every decode step, every batch-1 prefill, every
-batched prefill from an empty cache) runs the fused branch; anything else runs the unfused branch. Both branches
-read the same initializers (weights once in the file), and the result is exact either way (validated against
-PyTorch on every shape edgekit's validation cases cover, both branches included).
+ONNX Runtime's CPU GroupQueryAttention refuses batch > 1 with several new tokens on a non-empty past ("batch_size
+must be 1 when sequence_length > 1 and past context is given"; 1.32) and ignores position_ids on an empty past. So
+the fused graph is one `If` at the top (`wrap_fallback` says which shapes take which branch): every decode step and
+every unpadded prefill run the fused branch, a left-padded prefill or a batched continuation the unfused one. Both
+branches read the same initializers (weights once in the file), and the result is exact either way (validated
+against PyTorch on every shape edgekit's validation cases cover, both branches included).
 
 Graphs this does not recognise (V3/R1's routed and relative-position attention, the gated HF family's `If`s,
 MLA caches) are left as they are; `fuse` says why in its report.
@@ -282,8 +282,14 @@ def _suffix_graph(graph, suffix: str, keep: set[str]):
 
 
 def wrap_fallback(fused, general):
-    """One model: If(batch == 1 or seq == 1 or past == 0) then `fused`'s nodes else `general`'s, sharing the
-    initializers (the union: the fused graph adds a few size constants)."""
+    """One model: If(the shapes GroupQueryAttention computes right) then `fused`'s nodes else `general`'s, sharing
+    the initializers (the union: the fused graph adds a few size constants and the rotary tables).
+
+    Measured on ONNX Runtime 1.32's CPU kernel: it refuses batch > 1 with seq > 1 on a past, and on an empty past
+    it ignores position_ids (rotates by 0..seq-1 whatever the graph's positions). So the fused branch runs for
+    (batch == 1 or seq == 1) on a past (every decode step, a batch-1 continuation; per-row positions of left-padded
+    rows are honoured there), and for batch == 1 or seq == 1 or an empty past when nothing is padded (positions
+    are then past + 0..seq-1); anything else (a left-padded prefill, a batched continuation) runs the unfused one."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -314,10 +320,21 @@ def wrap_fallback(fused, general):
         helper.make_node("Equal", ["fb_batch", "fb_one"], ["fb_b1"]),
         helper.make_node("Equal", ["fb_seq", "fb_one"], ["fb_s1"]),
         helper.make_node("Equal", ["fb_past", "fb_zero"], ["fb_p0"]),
-        helper.make_node("Or", ["fb_b1", "fb_s1"], ["fb_or"]),
-        helper.make_node("Or", ["fb_or", "fb_p0"], ["fb_cond1"]),
-        helper.make_node("Squeeze", ["fb_cond1", "fb_i0"], ["fb_cond"]),
+        helper.make_node("Not", ["fb_p0"], ["fb_has_past"]),
+        helper.make_node("Or", ["fb_b1", "fb_s1"], ["fb_b1_or_s1"]),
+        helper.make_node("And", ["fb_b1_or_s1", "fb_has_past"], ["fb_on_past"]),  # rows at their own positions
+        helper.make_node("Or", ["fb_b1_or_s1", "fb_p0"], ["fb_plain_shape"]),
     ]
+    if any(i.name == "attention_mask" for i in g.input):  # no padding anywhere: positions are past + 0..seq-1
+        cond += [helper.make_node("ReduceMin", ["attention_mask"], ["fb_mask_min"], keepdims=0),
+                 helper.make_node("Equal", ["fb_mask_min", "fb_one_scalar"], ["fb_unpadded"]),
+                 helper.make_node("And", ["fb_plain_shape", "fb_unpadded"], ["fb_plain"])]
+        g.initializer.append(numpy_helper.from_array(np.asarray(1, np.int64), "fb_one_scalar"))
+    else:
+        cond.append(helper.make_node("Identity", ["fb_plain_shape"], ["fb_plain"]))
+    cond += [helper.make_node("Squeeze", ["fb_plain", "fb_i0"], ["fb_plain0"]),
+             helper.make_node("Squeeze", ["fb_on_past", "fb_i0"], ["fb_on_past0"]),
+             helper.make_node("Or", ["fb_on_past0", "fb_plain0"], ["fb_cond"])]
     for i, n in enumerate(cond):
         n.name = f"fallback_cond_{i}"
     node = helper.make_node("If", ["fb_cond"], [o.name for o in g.output], name="fused_or_general",
@@ -363,7 +380,8 @@ def fuse(model, num_heads: int, max_positions: int = 8192) -> tuple[object, dict
                  "norms": norms, "SkipSimplifiedLayerNormalization": ops.get("SkipSimplifiedLayerNormalization", 0),
                  "SimplifiedLayerNormalization": ops.get("SimplifiedLayerNormalization", 0),
                  "nodes": before, "nodes_fused_branch": len(fused.graph.node),
-                 "fallback": "batch > 1 with several new tokens on a past runs the unfused branch"}
+                 "fallback": "a left-padded prefill or a batch of several new tokens on a past runs the unfused "
+                             "branch (ONNX Runtime's CPU GroupQueryAttention cannot)"}
 
 
 def _count(graph) -> int:

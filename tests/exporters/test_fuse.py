@@ -53,14 +53,18 @@ def test_fused_export_has_one_attention_op_per_layer_and_an_unfused_fallback(lla
     assert "fusion" not in plain_manifest and "GroupQueryAttention" not in plain_manifest["graph_ops"]
 
 
-@pytest.mark.parametrize("batch,seq,past", [(1, 9, 0), (1, 1, 11), (3, 1, 11), (2, 6, 0), (1, 4, 7), (3, 4, 7)])
-def test_fused_equals_unfused_on_every_shape(llama, batch, seq, past):
-    """(3, 4, 7) is the shape GroupQueryAttention refuses on the CPU: the If runs the unfused branch there."""
+@pytest.mark.parametrize("batch,seq,past,pads", [
+    (1, 9, 0, None), (1, 1, 11, None), (3, 1, 11, None), (2, 6, 0, None), (1, 4, 7, None),
+    (3, 4, 7, None),  # GroupQueryAttention refuses it on the CPU: the unfused branch
+    (3, 1, 11, (0, 4, 9)),  # decode of left-padded rows: fused, each row rotated at its own positions
+    (3, 6, 0, (0, 2, 5)),  # a left-padded prefill: the op would ignore the rows' positions, so unfused
+    (1, 3, 6, (2,))])
+def test_fused_equals_unfused_on_every_shape(llama, batch, seq, past, pads):
     from runtimes import open_runner
 
     _, fused, plain = llama
     with open_runner(fused) as a, open_runner(plain) as b:
-        feeds = a.spec.dummy(batch, seq, past, seed=batch * 100 + seq * 10 + past)
+        feeds = a.spec.dummy(batch, seq, past, seed=batch * 100 + seq * 10 + past, pads=pads)
         got, want = a.infer(feeds), b.infer(feeds)
     assert got.keys() == want.keys()
     for name in want:
