@@ -148,7 +148,7 @@ def _dir_bytes(directory: Path, pattern: str = "model.onnx*") -> int:
 def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, force: bool = False,
            min_cosine: float | None = None, tolerance: float = 1e-3, device: str | None = None,
            context: int | None = None, precision: str | None = None, fidelity_data: str | Path | None = None,
-           max_ppl_increase: float | None = None) -> dict:
+           max_ppl_increase: float | None = None, fuse: bool = True) -> dict:
     """Export a preset/checkpoint to an artifact directory; validation failures fail the export.
 
     onnx: fp32 graph validated against PyTorch (max abs diff <= tolerance x the output's scale, several
@@ -156,7 +156,8 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
     logit-cosine floor (min_cosine, default 0.99) on fidelity_data (a text file) or Resolved.fidelity_text's
     default, and where that is real text, a perplexity gate: the int8 graph's perplexity at most
     max_ppl_increase (default 0.02) above the fp32 graph's. tensorrt: delegated to exporters.tensorrt (TensorRT-ready
-    ONNX + build recipe; min_cosine defaults to the precision's own floor there).
+    ONNX + build recipe; min_cosine defaults to the precision's own floor there). fuse: a Hugging Face llama /
+    qwen2 graph gets ONNX Runtime's fused attention and norms (exporters/onnx_fuse.py) before validation.
     """
     from edgekit.artifact import check_target, staging, write_manifest
     from edgekit.errors import unknown_name
@@ -194,7 +195,7 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
         else:
             fields = _export_onnx(res, model, tmp, int8, 0.99 if min_cosine is None else min_cosine, tolerance,
                                   progress, text, 0.02 if max_ppl_increase is None else max_ppl_increase,
-                                  fidelity_data)
+                                  fidelity_data, fuse)
         log.close()  # complete before write_manifest hashes it
         manifest = write_manifest(tmp, model=res.name, family=res.cfg.family, source=str(res.path or res.name),
                                   **fields)
@@ -202,7 +203,7 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
 
 
 def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance: float, progress,
-                 text: tuple, max_ppl_increase: float = 0.02, fidelity_data=None) -> dict:
+                 text: tuple, max_ppl_increase: float = 0.02, fidelity_data=None, fuse: bool = True) -> dict:
     import shutil
 
     from edgekit import validate
@@ -219,6 +220,14 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
     with progress(f"exporting {res.name} to ONNX (torch.export)") as advance:
         onnx_exporter.export_graph(model, fp32_dir / onnx_exporter.MODEL_FILE)
         advance(1)
+    fusion = None
+    if fuse and is_hf(res.cfg) and not spec.gated:
+        from exporters.onnx_fuse import fuse_file
+
+        with progress("fusing ONNX Runtime ops (GroupQueryAttention, SkipSimplifiedLayerNormalization)") as advance:
+            fusion = fuse_file(fp32_dir / onnx_exporter.MODEL_FILE, model.hf.config.num_attention_heads,
+                               res.cfg.max_seq_len)
+            advance(1)
     reference = TorchRunner(Resolved(res.kind, res.name, res.cfg, res.path, model=model))
     n_cases = len(validate.cases(spec))
     with reference, OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, fp32_dir)) as fp32_runner, \
@@ -234,6 +243,8 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
               "opset": onnx_exporter.OPSET, "inputs": spec.input_names, "outputs": spec.output_names,
               "dynamic_axes": spec.dynamic_axes(), "validation": {"fp32": validation},
               "graph_ops": graph_ops(fp32_dir / onnx_exporter.MODEL_FILE)}
+    if fusion is not None:
+        fields["fusion"] = fusion
     fp32_bytes = _dir_bytes(fp32_dir)
     fields["size"] = {"fp32_bytes": fp32_bytes}
     if int8:

@@ -45,7 +45,8 @@ def iter_graphs(graph, where: str = "main"):
 
 def large_float_weights(path: Path, limit: int = LARGE_FLOAT_BYTES) -> list[tuple[str, str, int]]:
     """(graph path, tensor name, bytes) of every float initializer / Constant larger than `limit`,
-    in the main graph and every If branch (block-quantization scales excepted)."""
+    in the main graph and every If branch (block-quantization scales and GroupQueryAttention's cos/sin tables
+    excepted)."""
     import onnx
     from onnx import TensorProto
 
@@ -53,6 +54,8 @@ def large_float_weights(path: Path, limit: int = LARGE_FLOAT_BYTES) -> list[tupl
     model = onnx.load(str(path), load_external_data=False)
     scales = {n.input[2] for _, g in iter_graphs(model.graph) for n in g.node
               if n.op_type in QUANTIZED_OPS and len(n.input) > 2}
+    scales |= {i for _, g in iter_graphs(model.graph) for n in g.node  # rotary cos/sin tables: not weights
+               if n.op_type == "GroupQueryAttention" for i in n.input[7:9] if i}
     found = []
     for where, g in iter_graphs(model.graph):
         tensors = list(g.initializer)

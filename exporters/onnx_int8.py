@@ -165,14 +165,16 @@ def quantize_int8(src: Path, dst: Path, block: int | str = "auto", accuracy_leve
                         and (t.name not in cache or cache[t.name][4] == bs)):
                     qn, sn, n, k, bs = quantized(t.name, numpy_helper.to_array(t).astype(np.float32), home, bs)
                     flat = f"{qn}_rows"  # the [N, K/bs, bs] blob seen as [N, K]: shared with a tied head
-                    if flat not in producers:
-                        shape = numpy_helper.from_array(np.array([n, k], np.int64), f"{qn}_rows_shape")
-                        home.initializer.append(shape)
-                        reshape = helper.make_node("Reshape", [qn, shape.name], [flat], name=f"{qn}_as_rows")
-                        if home is graph:
-                            new_nodes.append(reshape)
-                        else:
-                            home.node.insert(0, reshape)
+                    if flat not in producers:  # in this graph (a branch gets its own: the outer graph's
+                        # node list may be the one being walked right now)
+                        shape_name = f"{qn}_rows_shape"
+                        if shape_name not in inits:
+                            shape = numpy_helper.from_array(np.array([n, k], np.int64), shape_name)
+                            home.initializer.append(shape)
+                            inits[shape_name] = (shape, home)
+                        reshape = helper.make_node("Reshape", [qn, shape_name], [flat],
+                                                   name=f"{qn}_as_rows{'' if len(stack) == 1 else '_' + graph.name}")
+                        new_nodes.append(reshape)
                         producers[flat] = reshape
                     out = [helper.make_node("GatherBlockQuantized", [flat, node.input[1], sn], [node.output[0]],
                                             name=(node.name or t.name) + "_Q8", domain="com.microsoft",

@@ -29,6 +29,9 @@ def export(
     max_ppl_increase: Annotated[float | None, typer.Option(
         "--max-ppl-increase", callback=number("--max-ppl-increase", 0),
         help="int8: fail when perplexity on the fidelity text rises more than this (default 0.02 = 2 %).")] = None,
+    fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Hugging Face llama/qwen2 graphs: ONNX Runtime's "
+                                       "fused GroupQueryAttention and norms (fast on the CPU provider; --no-fuse "
+                                       "keeps plain ONNX ops).")] = True,
     force: Force = False,
     as_json: JsonOut = False,
     verbose: Verbose = False,
@@ -37,7 +40,7 @@ def export(
     quiet.set_verbose(verbose)
     r = api.export(target, fmt, out, int8=int8, force=force, min_cosine=min_cosine, device=device,
                    context=context, precision=precision, fidelity_data=fidelity_data,
-                   max_ppl_increase=max_ppl_increase)
+                   max_ppl_increase=max_ppl_increase, fuse=fuse)
     render.emit(r, as_json, render.show_export)
 
 

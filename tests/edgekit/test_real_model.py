@@ -71,15 +71,20 @@ def test_real_logits_pass_the_scaled_tolerance_and_int8_is_lossless(int8_artifac
     assert 10 < ppl["reference"] < 30, ppl  # the fp32 graph on plain English prose
     assert r["size"]["int8_over_fp32"] <= 0.30
     q = r["quantization"]
-    assert q["tied_head"] and q["GatherBlockQuantized"] == 1 and q["block"] in (32, 64)
-    assert r["graph_ops"]["MatMulNBits"] == 30 * 7 + 1 and "MatMulInteger" not in r["graph_ops"]
+    # fused (exporters/onnx_fuse.py): the fused and the unfused branch each read the one int8 copy of every weight
+    assert q["tied_head"] and q["GatherBlockQuantized"] == 2 and q["block"] in (32, 64)
+    assert q["weights_quantized"] == 30 * 7 + 1 and q["MatMulNBits_branches"] == 2 * (30 * 7 + 1)
+    assert r["fusion"]["GroupQueryAttention"] == 30 and r["fusion"]["rotary_in_op"] == 30
+    assert r["graph_ops"]["GroupQueryAttention"] == 30 and "MatMulInteger" not in r["graph_ops"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["validation"]["int8"]["perplexity"]["candidate"] == ppl["candidate"]
 
 
 def test_the_int8_artifact_answers_and_an_inexact_graph_fails_the_fp32_rule(int8_artifact, smollm2):
     out, _ = int8_artifact
-    r = api.generate(out, "What is the capital of France?", max_new_tokens=8, chat=True)
+    # a question the model answers with a clear margin: for "What is the capital of France?" fp32's first token leads
+    # by 0.09 logits ("The" vs "L"), a near-tie any int8 rounding may flip (the fused int8 graph did)
+    r = api.generate(out, "Name the capital of France.", max_new_tokens=8, chat=True)
     assert r["runtime"] == "onnxruntime" and "Paris" in r["text"]
     # the int8 graph is a genuinely different graph at real scale: the exact-graph rule must refuse it
     from edgekit.resolve import resolve

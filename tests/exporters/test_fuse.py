@@ -1,0 +1,117 @@
+"""Fused ONNX Runtime ops (exporters/onnx_fuse.py) on a tiny random Llama built in code: the fused export has one
+GroupQueryAttention per layer (RoPE inside the op) and fused norms, runs the unfused branch only for the one shape
+ONNX Runtime's CPU GroupQueryAttention refuses, and equals the unfused export on every shape and in generation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+from hf_tiny import COMMON, save_model, write_tokenizer  # noqa: E402
+
+from edgekit import api  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(HF dir, fused fp32 artifact, unfused fp32 artifact)."""
+    root = tmp_path_factory.mktemp("fuse")
+    d = root / "llama"
+    save_model(d, "llama")
+    write_tokenizer(d)
+    api.export(d, "onnx", root / "fused")
+    api.export(d, "onnx", root / "plain", fuse=False)
+    return d, root / "fused", root / "plain"
+
+
+def _branches(path):
+    import onnx
+
+    g = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+    ifs = [n for n in g.node if n.op_type == "If"]
+    assert len(ifs) == 1, [n.op_type for n in g.node]
+    return {a.name: [n.op_type for n in a.g.node] for a in ifs[0].attribute}
+
+
+def test_fused_export_has_one_attention_op_per_layer_and_an_unfused_fallback(llama):
+    _, fused, plain = llama
+    report = json.loads((fused / "manifest.json").read_text())["fusion"]
+    layers = COMMON["num_hidden_layers"]
+    assert report["fused"] and report["GroupQueryAttention"] == layers and report["rotary_in_op"] == layers
+    assert report["norms"] == "fused" and report["SkipSimplifiedLayerNormalization"] == 2 * layers
+    ops = _branches(fused)
+    then, other = ops["then_branch"], ops["else_branch"]
+    assert then.count("GroupQueryAttention") == layers and "Softmax" not in then and "Neg" not in then  # RoPE in op
+    assert other.count("Softmax") == layers and "GroupQueryAttention" not in other
+    assert len(then) < len(other) / 2
+    plain_manifest = json.loads((plain / "manifest.json").read_text())
+    assert "fusion" not in plain_manifest and "GroupQueryAttention" not in plain_manifest["graph_ops"]
+
+
+@pytest.mark.parametrize("batch,seq,past,pads", [
+    (1, 9, 0, None), (1, 1, 11, None), (3, 1, 11, None), (2, 6, 0, None), (1, 4, 7, None),
+    (3, 4, 7, None),  # GroupQueryAttention refuses it on the CPU: the unfused branch
+    (3, 1, 11, (0, 4, 9)),  # decode of left-padded rows: fused, each row rotated at its own positions
+    (3, 6, 0, (0, 2, 5)),  # a left-padded prefill: the op would ignore the rows' positions, so unfused
+    (1, 3, 6, (2,))])
+def test_fused_equals_unfused_on_every_shape(llama, batch, seq, past, pads):
+    from runtimes import open_runner
+
+    _, fused, plain = llama
+    with open_runner(fused) as a, open_runner(plain) as b:
+        feeds = a.spec.dummy(batch, seq, past, seed=batch * 100 + seq * 10 + past, pads=pads)
+        got, want = a.infer(feeds), b.infer(feeds)
+    assert got.keys() == want.keys()
+    for name in want:
+        scale = max(1.0, float(np.abs(want[name]).max()))
+        assert np.abs(got[name] - want[name]).max() <= 1e-5 * scale, name
+    assert (got["logits"].argmax(-1) == want["logits"].argmax(-1)).all()
+
+
+def test_fused_and_unfused_generate_the_same_tokens(llama):
+    from runtimes import open_runner
+
+    _, fused, plain = llama
+    prompt = [0, 5, 9, 17, 42, 3, 8]
+    with open_runner(fused) as a, open_runner(plain) as b:
+        assert a.generate(prompt, 24).tokens == b.generate(prompt, 24).tokens
+
+
+def test_int8_of_the_fused_graph_quantizes_each_weight_once(llama, tmp_path):
+    from exporters.onnx_graph import graph_ops, large_float_weights
+
+    d, _, _ = llama
+    text = tmp_path / "text.txt"
+    text.write_text("the edge model runs on every device " * 8)
+    fused = api.export(d, "onnx", tmp_path / "fused8", int8=True, fidelity_data=text)
+    plain = api.export(d, "onnx", tmp_path / "plain8", int8=True, fidelity_data=text, fuse=False)
+    q, p = fused["quantization"], plain["quantization"]
+    assert q["weights_quantized"] == p["weights_quantized"]  # both branches read one int8 copy of each weight
+    assert q["MatMulNBits_branches"] == 2 * p["MatMulNBits_main"] and q["MatMulNBits_main"] == 0
+    assert large_float_weights(tmp_path / "fused8" / "model.onnx") == []
+    assert graph_ops(tmp_path / "fused8" / "model.onnx")["GroupQueryAttention"] == COMMON["num_hidden_layers"]
+    # the weights' file grows only by the rotary cos/sin tables [max positions, head_dim / 2] (fp32, both)
+    head_dim = COMMON["hidden_size"] // COMMON["num_attention_heads"]
+    tables = 2 * COMMON["max_position_embeddings"] * head_dim // 2 * 4
+    data = [(tmp_path / x / "model.onnx.data").stat().st_size for x in ("fused8", "plain8")]
+    assert 0 < data[0] - data[1] <= tables + 4096, data
+    assert fused["validation"]["int8"]["passed"]
+
+
+def test_a_graph_without_the_pattern_is_left_as_it_is():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from exporters.onnx_fuse import fuse
+
+    x = helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["input_ids"], ["logits"])], "g", [x], [y]))
+    out, report = fuse(model, num_heads=4)
+    assert out is model and report == {"fused": False, "why": "no past.N.key inputs", "nodes": 1}
+    onnx.checker.check_model(out)
