@@ -356,12 +356,13 @@ def sh_timed(cmd, log_path, **kw) -> dict:
     return rec
 
 
-def edgekit_build(hf: Path, out: Path, int8: bool, builds: Builds, logs: Path) -> dict:
-    """`edgekit export HF --format onnx [--int8] --out DIR` through the CLI; a refusal is a result."""
-    key = "edgekit int8" if int8 else "edgekit fp32"
+def edgekit_build(hf: Path, out: Path, int8: bool, builds: Builds, logs: Path, fuse: bool = True) -> dict:
+    """`edgekit export HF --format onnx [--int8] [--no-fuse] --out DIR` through the CLI; a refusal is a result."""
+    key = ("edgekit int8" if int8 else "edgekit fp32") + ("" if fuse else " unfused")
     cli = ROOT / ".venv" / "bin" / "edgekit"
-    cmd = [str(cli) if cli.is_file() else sys.executable, *([] if cli.is_file() else ["-m", "edgekit"]),
-           "export", str(hf), "--format", "onnx", *(["--int8"] if int8 else []), "--out", str(out), "--force"]
+    cmd = [str(cli) if cli.is_file() else sys.executable, *([] if cli.is_file() else ["-m", "edgekit.cli"]),
+           "export", str(hf), "--format", "onnx", *(["--int8"] if int8 else []), *([] if fuse else ["--no-fuse"]),
+           "--out", str(out), "--force"]
 
     def build():
         log(f"{key}: {' '.join(cmd[1:])}")
@@ -598,14 +599,15 @@ def main() -> None:
     # ---- builds
     variants = {}  # name -> {"build", "files", "worker" cmd, "kind"}
     if not args.skip_edgekit:
-        for name, given, int8 in (("edgekit fp32", args.edgekit_fp32, False),
-                                  ("edgekit int8", args.edgekit_int8, True)):
+        for name, given, int8, fuse in (("edgekit fp32", args.edgekit_fp32, False, True),
+                                        ("edgekit int8", args.edgekit_int8, True, True),
+                                        ("edgekit int8 unfused", None, True, False)):
             if given:
                 rec = {"given": str(given), "refused": False}
                 d = given
             else:
                 d = w / name.replace(" ", "-")
-                rec = edgekit_build(hf, d, int8, builds, logs)
+                rec = edgekit_build(hf, d, int8, builds, logs, fuse)
             v = variants[name] = {"build": rec, "runtime": "onnxruntime (plain session)"}
             if not rec["refused"]:
                 model = single_onnx(d)

@@ -24,6 +24,8 @@ MLA caches) are left as they are; `fuse` says why in its report.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from edgekit.errors import EdgekitError
@@ -394,7 +396,10 @@ def fuse_file(path, num_heads: int, max_positions: int) -> dict:
 
     from exporters.onnx import save_external
 
-    model, report = fuse(onnx.load(str(path)), num_heads, max_positions)
+    path = Path(path)
+    model, report = fuse(onnx.load(str(path)), num_heads, max_positions)  # every weight now in memory
     if report["fused"]:
+        # onnx appends to an existing external-data file: start a new one, or the file holds the weights twice
+        path.with_name(path.name + ".data").unlink(missing_ok=True)
         save_external(model, path)
     return report

@@ -49,6 +49,9 @@ def test_fused_export_has_one_attention_op_per_layer_and_an_unfused_fallback(lla
     assert then.count("GroupQueryAttention") == layers and "Softmax" not in then and "Neg" not in then  # RoPE in op
     assert other.count("Softmax") == layers and "GroupQueryAttention" not in other
     assert len(then) < len(other) / 2
+    # the weights are stored once: the fused artifact's data file is the unfused one's plus the rotary tables
+    data = [(d / "model.onnx.data").stat().st_size for d in (fused, plain)]
+    assert 0 < data[0] - data[1] <= 2 * COMMON["max_position_embeddings"] * 8 * 4 + 4096, data
     plain_manifest = json.loads((plain / "manifest.json").read_text())
     assert "fusion" not in plain_manifest and "GroupQueryAttention" not in plain_manifest["graph_ops"]
 
