@@ -135,3 +135,53 @@ class RandomWeights(WeightSource):
         if mean:
             a += np.float32(mean)
         return a
+
+
+def model_from(cfg, source: WeightSource):
+    """The whole model with the source's weights (small models: the in-memory reference)."""
+    import torch
+
+    from edgekit.models import build
+
+    model = build(cfg, device="meta")
+    state = {n: torch.from_numpy(source.get(n)) for n in model.state_dict()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.float().eval()
+
+
+def layer_streamed_model(cfg, source: WeightSource):
+    """The PyTorch model (V3 / R1) with its blocks materialised one at a time from the source when the forward
+    reaches them (the previous one released): a reference for models whose fp32 weights do not fit in memory.
+    Memory: embedding, head, gates and one block. Eager forward only."""
+    import torch
+    from torch import nn
+
+    from edgekit.models import build
+
+    model = build(cfg, device="meta")
+    for name, p in model.named_parameters():
+        if not name.startswith("blocks."):
+            parent, _, leaf = name.rpartition(".")
+            module = model.get_submodule(parent) if parent else model
+            setattr(module, leaf, nn.Parameter(torch.from_numpy(source.get(name)), requires_grad=False))
+
+    class LazyBlocks(nn.ModuleList):
+        loaded = -1
+
+        def __getitem__(self, i):
+            block = super().__getitem__(i)
+            if isinstance(i, int) and i != self.loaded:
+                if self.loaded >= 0:
+                    super().__getitem__(self.loaded).to_empty(device="meta")
+                block.to_empty(device="cpu")
+                with torch.no_grad():
+                    for n, p in block.named_parameters():
+                        p.copy_(torch.from_numpy(source.get(f"blocks.{i}.{n}")))
+                self.loaded = i
+            return block
+
+        def __iter__(self):
+            return (self[i] for i in range(len(self)))
+
+    model.blocks = LazyBlocks(list(model.blocks))
+    return model.eval()

@@ -27,7 +27,8 @@ from exporters.onnx_stamp import LAYER_NAME, segment, stamp, trace_template
 
 PARAM_PREFIX = "model."  # FlatDecoder wraps the model as `model`
 QUANTIZED = re.compile(r"^(?P<param>.+?)(?P<t>_T)?_(?:Q8B(?P<block>\d+)|scales)$")
-INLINE_BYTES = 1024  # smaller tensors stay in the graph file (save_external's size_threshold)
+INLINE_BYTES = 1024
+CHECK_ELEMENTS = 64 << 20  # templates up to this many parameters get seeded weights and the requantize self-check  # smaller tensors stay in the graph file (save_external's size_threshold)
 
 
 @dataclass
@@ -79,8 +80,14 @@ def stamped_graph(cfg, workdir: Path, int8: bool, template_model=None) -> tuple[
 
     plan = layer_plan(cfg)
     t0 = time.monotonic()
-    tmodel = template_model if template_model is not None else build(plan.template_cfg, seed=0)
+    if template_model is not None:
+        tmodel = template_model
+    else:  # the template's weight values are never used: a large one stays untouched (not resident) memory
+        tmodel = build(plan.template_cfg, device="meta").to_empty(device="cpu").eval()
+        if sum(p.numel() for p in tmodel.parameters()) <= CHECK_ELEMENTS:
+            tmodel = build(plan.template_cfg, seed=0)
     params = {n for n, _ in tmodel.named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in tmodel.named_parameters()}
     tdir = Path(workdir) / "template"
     tdir.mkdir(parents=True, exist_ok=True)
     trace_template(tmodel, tdir / MODEL_FILE)
@@ -94,7 +101,8 @@ def stamped_graph(cfg, workdir: Path, int8: bool, template_model=None) -> tuple[
         qdir = Path(workdir) / "template_int8"
         qdir.mkdir(exist_ok=True)
         info["quantization"] = quantize_int8(path, qdir / MODEL_FILE)
-        _check_requantize(path, qdir / MODEL_FILE)
+        if len(params) and sum(int(np.prod(s)) for s in shapes.values()) <= CHECK_ELEMENTS:
+            _check_requantize(path, qdir / MODEL_FILE)
         path = qdir / MODEL_FILE
     proto = onnx.load(str(path), load_external_data=False)
     _load_constants(proto, path.parent, params)
