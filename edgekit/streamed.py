@@ -67,6 +67,9 @@ def weight_source(res, random_weights: bool, seed: int = 0):
         return RandomWeights(shapes, reference, seed)
     from edgekit.checkpoint import WEIGHTS
 
+    if not (Path(res.path) / WEIGHTS).is_file():
+        raise EdgekitError(f"{res.path}: no {WEIGHTS}", "pass --random-weights for seeded random weights of this "
+                           "shape, or save the checkpoint's weights")
     return SafetensorsWeights(Path(res.path) / WEIGHTS)
 
 

@@ -159,7 +159,7 @@ def layer_streamed_model(cfg, source: WeightSource):
     from edgekit.models import build
 
     model = build(cfg, device="meta")
-    for name, p in model.named_parameters():
+    for name, _ in model.named_parameters():
         if not name.startswith("blocks."):
             parent, _, leaf = name.rpartition(".")
             module = model.get_submodule(parent) if parent else model

@@ -266,7 +266,7 @@ def stamp(tpl: Template, n_layers: int, src: Callable[[int], int], rename: Calla
 
     g = tpl.proto.graph
     t_n = tpl.n_layers
-    if src(0) != 0 or any(not 1 <= src(l) < t_n for l in range(1, n_layers)):
+    if src(0) != 0 or any(not 1 <= src(layer) < t_n for layer in range(1, n_layers)):
         raise _bug("layer 0 must come from template layer 0 and every other layer from layers 1..")
     inits = {t.name: t for t in g.initializer}
     unit_values = [{o for x in unit for o in x.output} for unit in tpl.units]
@@ -285,21 +285,21 @@ def stamp(tpl: Template, n_layers: int, src: Callable[[int], int], rename: Calla
             t.name = new
             new_inits[new] = t
 
-    def value_for(t: int, l: int) -> Callable[[str], str]:
-        suffix = f"__L{l}"
+    def value_for(t: int, layer: int) -> Callable[[str], str]:
+        suffix = f"__L{layer}"
 
         def value(v: str) -> str:
             if not v:
                 return v
             m = LAYER_IO.match(v)
             if m and int(m.group(2)) == t:
-                return f"{m.group(1)}.{l}.{v[m.end():]}"
+                return f"{m.group(1)}.{layer}.{v[m.end():]}"
             if v in unit_values[t]:
                 return v + suffix
             if t > 0 and v == tpl.residual_in[t]:
-                return res_out[l - 1]
+                return res_out[layer - 1]
             if v in inits:
-                new = rename(v, t, l) if LAYER_NAME.search(v) else v
+                new = rename(v, t, layer) if LAYER_NAME.search(v) else v
                 keep_init(v, new)
                 return new
             if any(v in unit_values[u] for u in range(t_n)):
@@ -314,23 +314,23 @@ def stamp(tpl: Template, n_layers: int, src: Callable[[int], int], rename: Calla
                 keep_init(i, i)
         nodes.append(copy.deepcopy(node))
     layer_map: list[Callable[[str], str]] = []
-    for l in range(n_layers):
-        t = src(l)
-        value = value_for(t, l)
+    for layer in range(n_layers):
+        t = src(layer)
+        value = value_for(t, layer)
         for node in tpl.units[t]:
             x = copy.deepcopy(node)
             x.input[:] = [value(i) for i in x.input]
             for k in index_consts[t].get(node.name, []):
-                const = f"layer_index.{l}"
+                const = f"layer_index.{layer}"
                 if const not in new_inits:
                     arr = numpy_helper.to_array(inits[node.input[k]])
-                    new_inits[const] = numpy_helper.from_array(np.full(arr.shape, l, arr.dtype), const)
+                    new_inits[const] = numpy_helper.from_array(np.full(arr.shape, layer, arr.dtype), const)
                 x.input[k] = const
             x.output[:] = [value(o) for o in x.output]
-            x.name = f"{x.name}__L{l}"
+            x.name = f"{x.name}__L{layer}"
             for a in x.attribute:
                 for sub in [a.g, *a.graphs] if a.type in (5, 10) else []:
-                    _rename_subgraph(sub, value, f"__L{l}")
+                    _rename_subgraph(sub, value, f"__L{layer}")
             nodes.append(x)
         res_out.append(value(tpl.residual_out[t]))
         layer_map.append(value)
@@ -338,7 +338,7 @@ def stamp(tpl: Template, n_layers: int, src: Callable[[int], int], rename: Calla
     for node in tpl.tail:
         x = copy.deepcopy(node)
         if node.name in tpl.collectors:
-            x.input[:] = [layer_map[l](node.input[src(l)]) for l in range(n_layers)]
+            x.input[:] = [layer_map[layer](node.input[src(layer)]) for layer in range(n_layers)]
         else:
             x.input[:] = [res_out[-1] if i == tpl.residual_out[last] else i for i in x.input]
             for i in x.input:
@@ -355,10 +355,10 @@ def stamp(tpl: Template, n_layers: int, src: Callable[[int], int], rename: Calla
         per_layer = [v for v in values if (m := LAYER_IO.match(v.name)) and int(m.group(2)) == 0]
         first = next((k for k, v in enumerate(values) if LAYER_IO.match(v.name)), len(values))
         stamped = []
-        for l in range(n_layers):
+        for layer in range(n_layers):
             for v in per_layer:
                 c = copy.deepcopy(v)
-                c.name = f"{prefix}.{l}.{v.name.split('.', 2)[2]}"
+                c.name = f"{prefix}.{layer}.{v.name.split('.', 2)[2]}"
                 stamped.append(c)
         result = [*[v for v in values[:first] if not LAYER_IO.match(v.name)], *stamped,
                   *[v for v in values[first:] if not LAYER_IO.match(v.name)]]

@@ -27,8 +27,8 @@ from exporters.onnx_stamp import LAYER_NAME, segment, stamp, trace_template
 
 PARAM_PREFIX = "model."  # FlatDecoder wraps the model as `model`
 QUANTIZED = re.compile(r"^(?P<param>.+?)(?P<t>_T)?_(?:Q8B(?P<block>\d+)|scales)$")
-INLINE_BYTES = 1024
-CHECK_ELEMENTS = 64 << 20  # templates up to this many parameters get seeded weights and the requantize self-check  # smaller tensors stay in the graph file (save_external's size_threshold)
+INLINE_BYTES = 1024  # smaller tensors stay in the graph file (save_external's size_threshold)
+CHECK_ELEMENTS = 64 << 20  # templates up to this many parameters: seeded weights and the requantize self-check
 
 
 @dataclass
@@ -51,18 +51,18 @@ def layer_plan(cfg) -> LayerPlan:
         tcfg = dataclasses.replace(cfg, n_layers=3, n_unique_blocks=0,
                                    gated_layers=([0] if 0 in gates else []) + [1])
 
-        def src(l: int) -> int:
-            return 0 if l == 0 else (1 if l in gates else 2)
+        def src(layer: int) -> int:
+            return 0 if layer == 0 else (1 if layer in gates else 2)
     else:
         tcfg = dataclasses.replace(cfg, n_layers=min(2, n), **({"n_unique_blocks": 0} if cfg.family == "r1" else {}))
 
-        def src(l: int) -> int:
-            return 0 if l == 0 else 1
-    block_of = cfg.block_of if cfg.family == "r1" else (lambda l: l)
+        def src(layer: int) -> int:
+            return 0 if layer == 0 else 1
+    block_of = cfg.block_of if cfg.family == "r1" else (lambda layer: layer)
 
-    def rename(name: str, t: int, l: int) -> str:
-        name = re.sub(rf"\.blocks\.{t}\.", f".blocks.{block_of(l)}.", name)
-        return re.sub(rf"\.(gates|layers)\.{t}\.", rf".\g<1>.{l}.", name)
+    def rename(name: str, t: int, layer: int) -> str:
+        name = re.sub(rf"\.blocks\.{t}\.", f".blocks.{block_of(layer)}.", name)
+        return re.sub(rf"\.(gates|layers)\.{t}\.", rf".\g<1>.{layer}.", name)
 
     return LayerPlan(tcfg, src, rename)
 

@@ -30,7 +30,8 @@ LAYERS = {
     "edgekit.validate": 4,
     # 5. workflows
     "edgekit.api": 5, "edgekit.plan": 5, "edgekit.shapes": 5, "edgekit.profiling": 5, "edgekit.bundle": 5,
-    "edgekit.calibrate": 5, "edgekit.telemetry": 5, "edgekit.streamed": 5, "edgekit.device": 5, "edgekit.engine": 5, "edgekit.fleet": 5,
+    "edgekit.calibrate": 5, "edgekit.telemetry": 5, "edgekit.device": 5, "edgekit.engine": 5, "edgekit.fleet": 5,
+    "edgekit.streamed": 5,
     # 6. the face
     "edgekit.cli": 6, "edgekit.render": 6,
 }
