@@ -217,7 +217,7 @@ def test_cli_streamed_random_weights_export_validates_and_leaves_nothing_when_in
     r = json.loads(out)
     assert r["precision"] == "int8" and r["streamed"]["template_layers"] == 2
     assert r["validation"]["int8"]["passed"] and r["weights"].startswith("random")
-    assert read_manifest(tmp_path / "a")["graph_ops"]["MatMulNBits"] == 6 * 4 + 1  # 6 per layer + the head
+    assert read_manifest(tmp_path / "a")["graph_ops"]["MatMulNBits"] == 8 * 4 + 1  # 8 per layer + the head
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
