@@ -235,7 +235,10 @@ def main() -> None:
     ap.add_argument("--adopt", action="append", default=[])
     ap.add_argument("--decode", type=Path, help="an int8 r1-8.5b artifact to decode a few tokens with")
     ap.add_argument("--keep", action="store_true", help="keep the exported artifacts (default: deleted)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: the 8- vs 80-layer trace pair only")
     args = ap.parse_args()
+    if args.quick:
+        args.cases, args.force = "r1-mini-8-stream,r1-mini-80-stream", True
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
     data["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "mem_gib": round(__import__("psutil").virtual_memory().total / 2**30, 1)}
