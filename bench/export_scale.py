@@ -138,6 +138,12 @@ def export_case(name: str, work: Path) -> dict:
         d = work / "configs" / target
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps(CONFIGS[target]))
+        if "--no-stream" in flags and not (d / "model.safetensors").is_file():  # the in-memory path loads weights
+            from edgekit.checkpoint import save_checkpoint
+            from edgekit.config import ModelConfig
+            from edgekit.models import build
+
+            save_checkpoint(build(ModelConfig.from_dict(CONFIGS[target])), d)
         target_arg = str(d)
     else:
         target_arg = target
@@ -213,9 +219,11 @@ def plot(rows: list[dict]) -> None:
         pts = sorted((r["params"]["unique"] / 1e9, r["wall_s"], r["peak_rss_gib"]) for r in rows
                      if "params" in r and r["streamed"] == streamed and r["precision"] == "int8")
         if pts:
-            x, w, m = zip(*pts)
+            x, w, _ = zip(*pts)
             a.plot(x, w, marker=marker, label=label)
-            b.plot(x, m, marker=marker, label=label)
+        rss = [(x, m) for x, _, m in pts if m is not None]
+        if rss:
+            b.plot(*zip(*rss), marker=marker, label=label)
     a.set(xscale="log", yscale="log", xlabel="unique parameters (B)", ylabel="export wall time (s)",
           title="int8 export time")
     b.set(xscale="log", xlabel="unique parameters (B)", ylabel="peak RSS (GiB)", title="int8 export peak RSS")
