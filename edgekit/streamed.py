@@ -33,22 +33,22 @@ def fp32_bytes(cfg) -> int:
 
 
 def wants_stream(res, fmt: str, stream: bool | None, random_weights: bool) -> bool:
-    if not (stream or random_weights or stream is None):
-        return False
     if res.kind not in ("preset", "checkpoint"):
         if stream or random_weights:
             raise EdgekitError(f"streamed export takes edgekit presets and checkpoints, not a {res.kind} target",
                                "drop --stream / --random-weights (this target exports in memory)")
         return False
     big = fp32_bytes(res.cfg) > STREAM_ABOVE_BYTES
+    if stream is False and random_weights:
+        raise EdgekitError("--random-weights is streamed", "drop --no-stream")
+    if stream is False and big:
+        raise EdgekitError(f"{res.name} has {fp32_bytes(res.cfg) / 2**30:.0f} GiB of fp32 weights: the in-memory "
+                           "export needs several times that", "drop --no-stream")
     if not (stream or random_weights or big):
         return False
     if fmt != "onnx":
         raise EdgekitError(f"streamed export writes ONNX, not {fmt}", "use --format onnx with --stream / "
                            "--random-weights (or a model small enough for the in-memory path)")
-    if stream is False and big:
-        raise EdgekitError(f"{res.name} has {fp32_bytes(res.cfg) / 2**30:.0f} GiB of fp32 weights: the in-memory "
-                           "export needs several times that", "drop --no-stream")
     return True
 
 
