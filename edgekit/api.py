@@ -148,8 +148,13 @@ def _dir_bytes(directory: Path, pattern: str = "model.onnx*") -> int:
 def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, force: bool = False,
            min_cosine: float | None = None, tolerance: float = 1e-3, device: str | None = None,
            context: int | None = None, precision: str | None = None, fidelity_data: str | Path | None = None,
-           max_ppl_increase: float | None = None, fuse: bool = True) -> dict:
+           max_ppl_increase: float | None = None, fuse: bool = True, stream: bool | None = None,
+           random_weights: bool = False) -> dict:
     """Export a preset/checkpoint to an artifact directory; validation failures fail the export.
+
+    stream (None = automatic) / random_weights: the streamed path (edgekit/streamed.py: a few-layer trace
+    stamped to full depth, weights written one tensor at a time), taken automatically by models whose fp32
+    weights exceed streamed.STREAM_ABOVE_BYTES.
 
     onnx: fp32 graph validated against PyTorch (max abs diff <= tolerance x the output's scale, several
     shapes and skip patterns); with int8, block int8 (exporters/onnx_int8.py) inside the If branches, a
@@ -171,6 +176,10 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
         raise EdgekitError("--max-ppl-increase applies to the int8 fidelity check", "add --int8, or drop it")
     check_target(Path(out), force)  # before any work
     res = resolve(target)
+    from edgekit import streamed
+
+    if streamed.wants_stream(res, fmt, stream, random_weights):
+        return _export_streamed(res, out, int8, force, min_cosine, tolerance, random_weights)
     text = res.fidelity_text(fidelity_data) if int8 and fmt == "onnx" else (None, "")
     from edgekit.checkpoint import load_model
 
@@ -197,6 +206,24 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
                                   progress, text, 0.02 if max_ppl_increase is None else max_ppl_increase,
                                   fidelity_data, fuse)
         log.close()  # complete before write_manifest hashes it
+        manifest = write_manifest(tmp, model=res.name, family=res.cfg.family, source=str(res.path or res.name),
+                                  **fields)
+    return {k: v for k, v in manifest.items() if k != "files"} | {"out": str(out), "files": sorted(manifest["files"])}
+
+
+def _export_streamed(res, out, int8: bool, force: bool, min_cosine: float | None, tolerance: float,
+                     random_weights: bool) -> dict:
+    from edgekit import streamed
+    from edgekit.artifact import staging, write_manifest
+    from edgekit.progress import progress
+    from edgekit.quiet import LOG_DIR, captured
+
+    out = Path(out)
+    with staging(out, force) as tmp, captured(tmp / LOG_DIR / "export.log", "export") as log:
+        _write_common(tmp, res.cfg)
+        fields = streamed.export(res, tmp, int8, random_weights, 0.99 if min_cosine is None else min_cosine,
+                                 tolerance, progress)
+        log.close()
         manifest = write_manifest(tmp, model=res.name, family=res.cfg.family, source=str(res.path or res.name),
                                   **fields)
     return {k: v for k, v in manifest.items() if k != "files"} | {"out": str(out), "files": sorted(manifest["files"])}

@@ -23,6 +23,7 @@ LAYERS = {
     "edgekit.textdata": 1, "edgekit.structure": 1, "edgekit.quiet": 1,
     # 2. models: the only code that builds torch modules
     "edgekit.models": 2, "edgekit.checkpoint": 2, "edgekit.quantize": 2, "edgekit.gguf": 2,
+    "edgekit.weights": 2,
     # 3. engines, exporters, device profiles
     "runtimes": 3, "exporters": 3, "profiles": 3,
     # 4. validation
@@ -31,6 +32,7 @@ LAYERS = {
     "edgekit.api": 5, "edgekit.plan": 5, "edgekit.shapes": 5, "edgekit.profiling": 5, "edgekit.bundle": 5,
     "edgekit.calibrate": 5, "edgekit.telemetry": 5, "edgekit.device": 5, "edgekit.engine": 5, "edgekit.fleet": 5,
     "edgekit.serve": 5,
+    "edgekit.streamed": 5,
     # 6. the face
     "edgekit.cli": 6, "edgekit.render": 6,
 }

@@ -32,6 +32,12 @@ def export(
     fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Hugging Face llama/qwen2 graphs: ONNX Runtime's "
                                        "fused GroupQueryAttention and norms (fast on the CPU provider; --no-fuse "
                                        "keeps plain ONNX ops).")] = True,
+    stream: Annotated[bool | None, typer.Option(
+        "--stream/--no-stream", help="Trace a few layers and stamp them to full depth, writing the weights one "
+        "tensor at a time (memory ~ one layer). Default: automatic, for models over 4 GiB of fp32 weights.")] = None,
+    random_weights: Annotated[bool, typer.Option(
+        "--random-weights", help="Seeded random weights at the model's init scale, streamed (full-size presets "
+        "for profiling; a checkpoint's own weights are ignored).")] = False,
     force: Force = False,
     as_json: JsonOut = False,
     verbose: Verbose = False,
@@ -40,7 +46,7 @@ def export(
     quiet.set_verbose(verbose)
     r = api.export(target, fmt, out, int8=int8, force=force, min_cosine=min_cosine, device=device,
                    context=context, precision=precision, fidelity_data=fidelity_data,
-                   max_ppl_increase=max_ppl_increase, fuse=fuse)
+                   max_ppl_increase=max_ppl_increase, fuse=fuse, stream=stream, random_weights=random_weights)
     render.emit(r, as_json, render.show_export)
 
 

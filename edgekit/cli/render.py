@@ -144,6 +144,13 @@ def show_export(r: dict) -> None:
         if ppl:
             console.print(f"int8 perplexity {ppl['candidate']:.3f} vs fp32 {ppl['reference']:.3f} "
                           f"({100 * ppl['increase']:+.2f} %, limit +{100 * ppl['max_increase']:g} %) on {ppl['text']}")
+    if "streamed" in r:
+        st = r["streamed"]
+        console.print(f"streamed: traced {st['template_layers']} layers in {st['trace_s']:.0f}s, stamped in "
+                      f"{st['stamp_s']:.1f}s, {st['wall_s']:.0f}s in all, peak RSS {st['peak_rss_gib']:.2f} GiB")
+    if "streamed" in v:
+        console.print(f"validated against PyTorch one block at a time: logit cosine min "
+                      f"{v['streamed']['logit_cosine_min']:.5f} on {len(v['streamed']['cases'])} cases")
     for name, rep in v.get("onnxruntime_cpu", {}).items():
         console.print(f"validated in ONNX Runtime ({name.replace('_', ' ')}): logit cosine "
                       f"{rep['logit_cosine_mean']:.5f}, argmax agreement {rep['argmax_agreement']:.1%}")
