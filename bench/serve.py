@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -36,21 +35,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from accuracy import machine  # noqa: E402  (bench/ is on sys.path: the one machine record)
+
 from edgekit import tasks  # noqa: E402
 
 MODELS = ("r1-ref", "v3-ref")
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")),
-                           None)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
 
 
 def artifacts(work: Path) -> dict[str, Path]:

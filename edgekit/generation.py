@@ -32,7 +32,9 @@ class Generated:
         return self.layer_slots - self.layer_runs
 
 
-def pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+def pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator, top_p: float = 1.0) -> int:
+    """Greedy at temperature 0, else a sample from the temperature-scaled distribution cut to the top_k tokens
+    (0: all) and to the smallest set whose probability reaches top_p (1.0: all)."""
     if temperature <= 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature
@@ -40,7 +42,14 @@ def pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Gene
         cut = np.partition(z, -top_k)[-top_k]
         z = np.where(z >= cut, z, -np.inf)
     p = np.exp(z - z.max())
-    return int(rng.choice(z.size, p=p / p.sum()))
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        keep = np.cumsum(p[order]) - p[order] < top_p  # the smallest prefix whose mass reaches top_p
+        q = np.zeros_like(p)
+        q[order[keep]] = p[order[keep]]
+        p = q / q.sum()
+    return int(rng.choice(z.size, p=p))
 
 
 def generate(step: Step, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgekit.generation import pick
+
 
 @dataclass
 class Confidence:
@@ -39,21 +41,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def choose(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    if 0 < top_k < z.size:
-        cut = np.partition(z, -top_k)[-top_k]
-        z = np.where(z >= cut, z, -np.inf)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        keep = np.cumsum(p[order]) - p[order] < top_p  # the smallest prefix whose mass reaches top_p
-        q = np.zeros_like(p)
-        q[order[keep]] = p[order[keep]]
-        p = q / q.sum()
-    return int(rng.choice(z.size, p=p))
+    return pick(logits, temperature, top_k, rng, top_p)  # the one sampler (edgekit.generation)
 
 
 def observe(conf: Confidence, logits: np.ndarray, token: int) -> None:
