@@ -381,10 +381,16 @@ def _describe_fit(f: dict) -> str:
 
 
 def plan(model, device: str, precision: str | None = None, context: int | None = None,
-         batch: int = DEFAULT_BATCH) -> dict:
-    """The estimate for `model` (preset, checkpoint or artifact) on `device` (a profile name or 'host')."""
+         batch: int = DEFAULT_BATCH, fallback=None) -> dict:
+    """The estimate for `model` (preset, checkpoint or artifact) on `device` (a profile name or 'host'); with
+    `fallback`, also both models of a cascade (`edgekit serve MODEL --fallback FALLBACK`) held at once."""
     import profiles
 
+    if fallback is not None:
+        result = plan(model, device, precision, context, batch)
+        result["cascade"] = cascade_memory(shape(model), shape(fallback), profiles.load(device),
+                                           result["context"], batch, precision)
+        return result
     s = shape(model)
     defaulted = context is None
     context = _check_inputs(s, context, batch)
@@ -431,6 +437,31 @@ def plan(model, device: str, precision: str | None = None, context: int | None =
     if s.name in SELECT_MODELS.values():  # the full-size presets: the brief's memory claim, checked
         result["r1_vs_v3_memory"] = r1_vs_v3_memory(profile)
     return result
+
+
+def cascade_memory(primary: Shape, fallback: Shape, profile, context: int, batch: int,
+                   precision: str | None = None) -> dict:
+    """Both models of a cascade in one process on `profile` (`edgekit serve PRIMARY --fallback FALLBACK` loads
+    both and runs one model thread each, so both can compute at once): each one's weights, KV cache (`batch`
+    requests at `context` tokens each) and activations, plus the device's reserve once. Each model at `precision`,
+    or at the first precision of its own plan that fits."""
+    rows = {}
+    for role, s in (("primary", primary), ("fallback", fallback)):
+        precisions = [precision] if precision else _ordered_precisions(profile)
+        fitting = [p for p in precisions if estimate(s, profile, p, context, batch)["fits"]]
+        chosen = fitting[0] if fitting else precisions[-1]
+        rows[role] = {"model": s.name, "precision": chosen,
+                      **{k: round(v, 3) for k, v in memory_gib(s, profile, chosen, context, batch).items()}}
+    parts = ("weights_gib", "kv_cache_gib", "activations_gib")
+    total = sum(rows[r][k] for r in rows for k in parts) + profile.reserved_gib
+    margin = profile.memory_gib - total
+    p, f = rows["primary"], rows["fallback"]
+    return {**rows, "total_gib": round(total, 3), "margin_gib": round(margin, 3), "fits": margin >= 0,
+            "device_gib": profile.memory_gib, "context": context, "batch": batch,
+            "line": f"cascade {p['model']} ({p['precision']}) -> {f['model']} ({f['precision']}) together: "
+                    f"{total:.3g} GiB of {profile.memory_gib:g} GiB ({p['total_gib'] - profile.reserved_gib:.3g} + "
+                    f"{f['total_gib'] - profile.reserved_gib:.3g} GiB + {profile.reserved_gib:g} GiB reserve): "
+                    + ("fits" if margin >= 0 else f"does NOT fit (short by {-margin:.3g} GiB)")}
 
 
 def r1_vs_v3_memory(profile, precision: str = BRIEF_PRECISION, context: int = BRIEF_CONTEXT,

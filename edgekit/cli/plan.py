@@ -32,12 +32,17 @@ def plan(
     select: Annotated[bool, typer.Option("--select", help="Choose V3 or R1 for --task by the brief's selection "
                                                           "framework and check it against the numbers.")] = False,
     task: Annotated[str | None, typer.Option(help="With --select: reasoning, chat or general.")] = None,
+    fallback: Annotated[str | None, typer.Option("--fallback", callback=model_source,
+                                                 help="A cascade's second model (edgekit serve MODEL --fallback M): "
+                                                 "the memory of both held at once.")] = None,
     as_json: JsonOut = False,
 ) -> None:
     """Estimate whether a model fits a device and how fast it runs (an estimate, with its assumptions)."""
     from edgekit import plan as planner
 
     if select:
+        if fallback is not None:
+            raise EdgekitError("--fallback applies to a plan for MODEL", "drop --select, or drop --fallback")
         if target is not None or precision is not None:
             raise EdgekitError("--select chooses the model and precision", "drop MODEL and --precision")
         if task is None:
@@ -48,8 +53,8 @@ def plan(
         raise EdgekitError("--task only applies with --select", "add --select, or drop --task")
     if target is None:
         raise EdgekitError("plan needs a MODEL", "e.g. 'edgekit plan v3-13b --device a100-40gb', or --select --task T")
-    render.emit(planner.plan(target, device, precision=precision, context=context, batch=batch), as_json,
-                render.show_plan)
+    render.emit(planner.plan(target, device, precision=precision, context=context, batch=batch, fallback=fallback),
+                as_json, render.show_plan)
 
 
 def register(app: typer.Typer) -> None:

@@ -190,6 +190,8 @@ def show_plan(r: dict) -> None:
     console.print(f"[bold]recommendation:[/bold] {r['recommendation']}", highlight=False)
     if "r1_vs_v3_memory" in r:
         console.print(r["r1_vs_v3_memory"]["line"], markup=False, highlight=False)
+    if "cascade" in r:
+        console.print(r["cascade"]["line"], markup=False, highlight=False)
     for title, lines in (("device", r["device_notes"]), ("assumptions", r["assumptions"])):
         console.print(f"[bold]{title}:[/bold]")
         for line in lines:

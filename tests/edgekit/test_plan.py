@@ -372,3 +372,27 @@ def test_r1_vs_v3_memory_at_5k_tokens_beside_the_brief():
         shown = runner.invoke(app, args)
         assert shown.exit_code == 0 and " ".join(m["line"].split()) in " ".join(shown.output.split())
         assert json.loads(runner.invoke(app, [*args, "--json"]).output)["r1_vs_v3_memory"] == m
+
+
+def test_cascade_memory_is_both_models_and_one_reserve():
+    """plan MODEL --fallback M (issue 17): both models' weights, KV cache and activations, the reserve once; a pair
+    that fits alone but not together says so."""
+    prof = profiles.load("a100-40gb")
+    r = P.plan("r1-8.5b", "a100-40gb", precision="fp16", context=5000, fallback="v3-13b")
+    c = r["cascade"]
+    parts = [P.memory_gib(P.shape(m), prof, "fp16", 5000, 1) for m in ("r1-8.5b", "v3-13b")]
+    want = sum(p[k] for p in parts for k in ("weights_gib", "kv_cache_gib", "activations_gib")) + prof.reserved_gib
+    assert c["total_gib"] == pytest.approx(want, abs=2e-3)
+    assert all(p["total_gib"] <= prof.memory_gib for p in parts) and not c["fits"]  # each fits, both do not
+    assert "does NOT fit" in c["line"] and r["rows"][0]["fits"]
+    small = P.plan("r1-8.5b", "a100-40gb", precision="int8", context=5000, fallback="v3-13b")["cascade"]
+    assert small["fits"] and small["primary"]["precision"] == small["fallback"]["precision"] == "int8"
+
+
+def test_cascade_plan_on_the_command_line(cli):
+    res = runner.invoke(app, ["plan", "r1-tiny", "--fallback", "v3-tiny", "--json"])
+    assert res.exit_code == 0, res.output
+    c = json.loads(res.output)["cascade"]
+    assert (c["primary"]["model"], c["fallback"]["model"]) == ("r1-tiny", "v3-tiny") and c["fits"]
+    code, _, err = cli("plan", "--select", "--task", "chat", "--fallback", "v3-tiny")
+    assert code == 1 and err.count("\n") == 1 and "--fallback applies to a plan for MODEL" in err
