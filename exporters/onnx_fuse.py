@@ -126,6 +126,83 @@ def _rotary_tables(graph, prod, cons) -> tuple[str, np.ndarray] | None:
     return x, numpy_helper.to_array(inv[0]).astype(np.float64)
 
 
+def _qk_matmul(cons, kc, layer: int):
+    """present.key -> [Unsqueeze -> Expand -> Reshape] (repeat_kv) -> Transpose -> MatMul(q, K^T)."""
+    n = kc
+    users = list(cons.get(n.output[0], []))
+    while users and users[0].op_type in ("Unsqueeze", "Expand", "Reshape") and len(users) == 1:
+        n = users[0]
+        users = cons.get(n.output[0], [])
+    kt = _one(cons, n.output[0], "Transpose")
+    qk = _one(cons, kt.output[0], "MatMul")
+    if qk.input[1] != kt.output[0]:
+        raise NotFused(f"layer {layer}: QK^T MatMul reads K first")
+    return qk
+
+
+def _projection(prod, bnsh: str):
+    """The MatMul that projects a head tensor: bnsh = [RoPE of] Transpose(0,2,1,3)(Reshape(MatMul(x, W)))."""
+    x = _unrotated(prod, bnsh) or bnsh
+    tr = prod.get(x)
+    if tr is None or tr.op_type != "Transpose" or list(tr.attribute[0].ints) != [0, 2, 1, 3]:
+        return None
+    reshape = prod.get(tr.input[0])
+    mm = prod.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+    return mm if mm is not None and mm.op_type == "MatMul" else None
+
+
+def pack_qkv(model) -> int:
+    """Per layer, the q, k and v projections (three MatMuls of the same input) become one MatMul with the weights
+    concatenated [K, q + k + v] and a Split back to the three outputs: exact, one weight in the file that the
+    fused GroupQueryAttention reads packed (one int8 MatMul per layer instead of three: one activation
+    quantization, as ONNX Runtime GenAI's graphs have) and the unfused branch reads split. -> layers packed."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    prod, cons = _maps(g)
+    inits = {t.name: t for t in g.initializer}
+    past_keys = [i.name for i in g.input if i.name.startswith("past.") and i.name.endswith(".key")]
+    replace, drop, packed = {}, set(), 0
+    for layer, pk in enumerate(past_keys):
+        try:
+            kc = _one(cons, pk, "Concat")
+            vc = _one(cons, pk[:-3] + "value", "Concat")
+            qk = _qk_matmul(cons, kc, layer)
+        except NotFused:
+            return 0
+        mms = [_projection(prod, qk.input[0]), _projection(prod, kc.input[1]), _projection(prod, vc.input[1])]
+        if any(m is None for m in mms) or len({m.input[0] for m in mms}) != 1 or len({id(m) for m in mms}) != 3:
+            return 0
+        ws = [inits.get(m.input[1]) for m in mms]
+        if any(w is None or len(w.dims) != 2 for w in ws) or len({w.dims[0] for w in ws}) != 1:
+            return 0
+        if any(len(cons.get(w.name, [])) != 1 for w in ws):  # a weight read elsewhere too: leave it
+            return 0
+        arrays = [numpy_helper.to_array(w) for w in ws]
+        name = f"{ws[0].name}_qkv{layer}"
+        g.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), name))
+        g.initializer.append(numpy_helper.from_array(np.array([a.shape[1] for a in arrays], np.int64), name + "_split"))
+        out = f"qkv{layer}_packed"
+        nodes = [helper.make_node("MatMul", [mms[0].input[0], name], [out], name=f"qkv{layer}_matmul"),
+                 helper.make_node("Split", [out, name + "_split"], [m.output[0] for m in mms], axis=-1,
+                                  name=f"qkv{layer}_split")]
+        first = min(mms, key=lambda m: list(g.node).index(m))
+        replace[id(first)] = nodes
+        drop.update(id(m) for m in mms)
+        for w in ws:
+            g.initializer.remove(w)
+        packed += 1
+    new = []
+    for node in g.node:
+        if id(node) in replace:
+            new += replace[id(node)]
+        elif id(node) not in drop:
+            new.append(node)
+    del g.node[:]
+    g.node.extend(new)
+    return packed
+
+
 def fuse_attention(model, num_heads: int, max_positions: int = 8192) -> dict:
     """Rewrite every layer's attention of the main graph into GroupQueryAttention; -> {"layers", "rotary"}.
     Raises NotFused (graph untouched) when a layer does not match. RoPE moves into the op (do_rotary, position_ids
@@ -154,16 +231,7 @@ def fuse_attention(model, num_heads: int, max_positions: int = 8192) -> dict:
         vc = _one(cons, pv, "Concat")
         if list(kc.input) != [pk, kc.input[1]] or list(vc.input) != [pv, vc.input[1]]:
             raise NotFused(f"layer {layer}: present is not Concat(past, new)")
-        # present.key -> [Unsqueeze -> Expand -> Reshape] (repeat_kv) -> Transpose -> MatMul(q, .)
-        n = kc
-        users = [c for c in cons.get(n.output[0], [])]
-        while users and users[0].op_type in ("Unsqueeze", "Expand", "Reshape") and len(users) == 1:
-            n = users[0]
-            users = cons.get(n.output[0], [])
-        kt = _one(cons, n.output[0], "Transpose")
-        qk = _one(cons, kt.output[0], "MatMul")
-        if qk.input[1] != kt.output[0]:
-            raise NotFused(f"layer {layer}: QK^T MatMul reads K first")
+        qk = _qk_matmul(cons, kc, layer)
         after, scores = cons[qk.output[0]], qk.output[0]
         scale = 1.0
         if len(after) == 1 and after[0].op_type in ("Mul", "Div") and after[0].input[0] == scores:
@@ -189,6 +257,10 @@ def fuse_attention(model, num_heads: int, max_positions: int = 8192) -> dict:
         q = _packed(extra, q_raw if rotate else qk.input[0], f"gqa{layer}_q", prod)
         k = _packed(extra, k_raw if rotate else kc.input[1], f"gqa{layer}_k", prod)
         v = _packed(extra, vc.input[1], f"gqa{layer}_v", prod)
+        split = prod.get(q)
+        if (rotate and split is not None and split.op_type == "Split" and list(split.output) == [q, k, v]
+                and not extra):  # pack_qkv's projection: the op reads [B, S, (H + 2 Hkv) D] itself
+            q, k, v = split.input[0], "", ""
         tables = ["gqa_cos", "gqa_sin", "gqa_position_ids"] if rotate else ["", "", ""]
         inputs = [q, k, v, pk, pv, "gqa_seqlens_k", "gqa_total", *tables, bias or ""]
         while not inputs[-1]:
@@ -372,6 +444,7 @@ def fuse(model, num_heads: int, max_positions: int = 8192) -> tuple[object, dict
                            "pip install 'onnxruntime>=1.20' (it ships onnxruntime.transformers)") from None
     except RuntimeError as e:  # the optimizer's own failure on a graph it cannot sort: keep the norms as they are
         general, norms = model, f"not fused: {str(e).splitlines()[0][:200]}"
+    packed = pack_qkv(general)  # both branches read the one packed q/k/v weight
     fused = copy(general)
     layers = fuse_attention(fused, num_heads, max_positions)
     out = wrap_fallback(fused, general)
@@ -379,6 +452,7 @@ def fuse(model, num_heads: int, max_positions: int = 8192) -> tuple[object, dict
     for n in fused.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return out, {"fused": True, "GroupQueryAttention": layers["layers"], "rotary_in_op": layers["rotary_in_op"],
+                 "qkv_packed": packed,
                  "norms": norms, "SkipSimplifiedLayerNormalization": ops.get("SkipSimplifiedLayerNormalization", 0),
                  "SimplifiedLayerNormalization": ops.get("SimplifiedLayerNormalization", 0),
                  "nodes": before, "nodes_fused_branch": len(fused.graph.node),

@@ -73,8 +73,9 @@ def test_real_logits_pass_the_scaled_tolerance_and_int8_is_lossless(int8_artifac
     q = r["quantization"]
     # fused (exporters/onnx_fuse.py): the fused and the unfused branch each read the one int8 copy of every weight
     assert q["tied_head"] and q["GatherBlockQuantized"] == 2 and q["block"] in (32, 64)
-    assert q["weights_quantized"] == 30 * 7 + 1 and q["MatMulNBits_branches"] == 2 * (30 * 7 + 1)
-    assert r["fusion"]["GroupQueryAttention"] == 30 and r["fusion"]["rotary_in_op"] == 30
+    # q/k/v packed into one projection per layer (qkv, o, gate, up, down) + the tied head
+    assert q["weights_quantized"] == 30 * 5 + 1 and q["MatMulNBits_branches"] == 2 * (30 * 5 + 1)
+    assert r["fusion"]["GroupQueryAttention"] == 30 and r["fusion"]["rotary_in_op"] == r["fusion"]["qkv_packed"] == 30
     assert r["graph_ops"]["GroupQueryAttention"] == 30 and "MatMulInteger" not in r["graph_ops"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["validation"]["int8"]["perplexity"]["candidate"] == ppl["candidate"]

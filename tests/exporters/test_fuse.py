@@ -48,6 +48,9 @@ def test_fused_export_has_one_attention_op_per_layer_and_an_unfused_fallback(lla
     then, other = ops["then_branch"], ops["else_branch"]
     assert then.count("GroupQueryAttention") == layers and "Softmax" not in then and "Neg" not in then  # RoPE in op
     assert other.count("Softmax") == layers and "GroupQueryAttention" not in other
+    # one q/k/v projection per layer: the op reads it packed, the unfused branch splits it
+    assert report["qkv_packed"] == layers and "Split" not in then and other.count("Split") == layers
+    assert then.count("MatMul") == other.count("MatMul") - 2 * layers == 5 * layers + 1  # qkv, o, gate, up, down; head
     assert len(then) < len(other) / 2
     # the weights are stored once: the fused artifact's data file is the unfused one's plus the rotary tables
     data = [(d / "model.onnx.data").stat().st_size for d in (fused, plain)]
@@ -94,8 +97,10 @@ def test_int8_of_the_fused_graph_quantizes_each_weight_once(llama, tmp_path):
     fused = api.export(d, "onnx", tmp_path / "fused8", int8=True, fidelity_data=text)
     plain = api.export(d, "onnx", tmp_path / "plain8", int8=True, fidelity_data=text, fuse=False)
     q, p = fused["quantization"], plain["quantization"]
-    assert q["weights_quantized"] == p["weights_quantized"]  # both branches read one int8 copy of each weight
-    assert q["MatMulNBits_branches"] == 2 * p["MatMulNBits_main"] and q["MatMulNBits_main"] == 0
+    layers = COMMON["num_hidden_layers"]
+    # q, k, v packed into one weight per layer, which both branches read (one int8 copy of every weight)
+    assert q["weights_quantized"] == p["weights_quantized"] - 2 * layers
+    assert q["MatMulNBits_branches"] == 2 * (p["MatMulNBits_main"] - 2 * layers) and q["MatMulNBits_main"] == 0
     assert large_float_weights(tmp_path / "fused8" / "model.onnx") == []
     assert graph_ops(tmp_path / "fused8" / "model.onnx")["GroupQueryAttention"] == COMMON["num_hidden_layers"]
     # the weights' file grows only by the rotary cos/sin tables [max positions, head_dim / 2] (fp32, both)
