@@ -365,7 +365,7 @@ def wrap_fallback(fused, general):
     rows are honoured there), and for batch == 1 or seq == 1 or an empty past when nothing is padded (positions
     are then past + 0..seq-1); anything else (a left-padded prefill, a batched continuation) runs the unfused one."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     out = onnx.ModelProto()
     out.CopyFrom(general)
@@ -418,7 +418,6 @@ def wrap_fallback(fused, general):
     del g.value_info[:]
     have = {(o.domain, o.version) for o in out.opset_import}
     out.opset_import.extend(o for o in fused.opset_import if (o.domain, o.version) not in have)
-    _ = TensorProto  # (types come from the branches' outputs, copied from the graph outputs)
     return out
 
 
