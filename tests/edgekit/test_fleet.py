@@ -280,21 +280,9 @@ def lab(tmp_path):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """A real (tiny, checkpoint) bundle: fleet verifies it locally before anything travels."""
-    from edgekit import bundle as bundles
-    from edgekit.artifact import staging, write_manifest
-    from edgekit.checkpoint import save_checkpoint
-    from edgekit.models import build
-    from edgekit.tokenizer import ByteTokenizer
+    from tiny_bundle import v3_tiny_bundle
 
-    work = tmp_path_factory.mktemp("fleet-bundle")
-    art = work / "v3-tiny"
-    with staging(art) as tmp:
-        save_checkpoint(build("v3-tiny"), tmp)
-        ByteTokenizer().save(tmp)
-        write_manifest(tmp, format="checkpoint", model="v3-tiny")
-    out = work / "v3-tiny.tar.gz"
-    bundles.package(art, "cpu", out)
-    return out
+    return v3_tiny_bundle(tmp_path_factory.mktemp("fleet-bundle"))
 
 
 FAST = ProfileOptions(prompt_len=8, new_tokens=4, warmup=0, runs=2)

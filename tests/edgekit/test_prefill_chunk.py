@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from edgekit import bundle as bundles
 from runtimes.base import ChunkedSession
 
 PROMPT = "the edge of the network, where the models run"  # 46 tokens (bytes)
@@ -54,18 +53,9 @@ def test_profile_prefill_chunk(cli, calls):
 
 
 def test_run_bundle_prefill_chunk(cli, calls, tmp_path):
-    from edgekit.artifact import staging, write_manifest
-    from edgekit.checkpoint import save_checkpoint
-    from edgekit.models import build
-    from edgekit.tokenizer import ByteTokenizer
+    from tiny_bundle import v3_tiny_bundle
 
-    art = tmp_path / "v3-tiny"
-    with staging(art) as tmp:
-        save_checkpoint(build("v3-tiny"), tmp)
-        ByteTokenizer().save(tmp)
-        write_manifest(tmp, format="checkpoint", model="v3-tiny")
-    b = tmp_path / "b.tar.gz"
-    bundles.package(art, "cpu", b)
+    b = v3_tiny_bundle(tmp_path, "b.tar.gz")
     args = ("run", b, "--prompt", PROMPT, "--max-new-tokens", "3", "--allow-unsigned", "--json")
     code, out, err = cli(*args)
     assert code == 0, err
