@@ -64,6 +64,8 @@ REGISTRY: tuple[Bench, ...] = (
           note="optimum lives in its own venv: see bench/requirements-optimum.txt"),
     Bench("calibrate_skip", "calibrate_skip.py", work_subdir="calibrate_skip",
           quick_args=("--steps", "20", "--no-export")),
+    Bench("gpu_check", "gpu_check.py", needs=("/dev/nvidiactl",), note="an NVIDIA GPU and onnxruntime-gpu",
+          quick_args=("--parts", "machine,ceilings")),
 )
 
 

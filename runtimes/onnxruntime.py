@@ -16,7 +16,8 @@ from runtimes.base import Runner, Session
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
-INSTALL_HINT = {"cuda": "pip install onnxruntime-gpu (CUDA 12 build) on a machine with an NVIDIA GPU",
+INSTALL_HINT = {"cuda": "pip install onnxruntime-gpu (the build for your CUDA major version) on a machine with an "
+                        "NVIDIA GPU",
                 "tensorrt": "pip install onnxruntime-gpu and TensorRT on a machine with an NVIDIA GPU"}
 
 
@@ -89,6 +90,18 @@ class OnnxRuntimeRunner(Runner):
         except Exception as e:  # onnxruntime's InvalidProtobuf / Fail / ...: pybind classes, no common base
             raise EdgekitError(f"onnxruntime cannot load {path}: {_first_line(e)}",
                                "the model file or its external data is damaged; export the artifact again") from None
+        if PROVIDERS[provider] not in self.ort_session.get_providers():
+            # onnxruntime-gpu lists TensorRT (and CUDA) whether or not their libraries load; when one does not,
+            # it falls back to the CPU provider on its own (seen on an H200 without TensorRT's libraries)
+            raise EdgekitError(f"onnxruntime {ort.__version__} lists {PROVIDERS[provider]} but could not start it "
+                               f"(the session got {', '.join(self.ort_session.get_providers())})",
+                               f"install its libraries ({INSTALL_HINT.get(provider, '')}), or use --provider cpu")
+        self.notes = []
+        fusion = self.resolved.manifest.get("fusion") or {}
+        if provider != "cpu" and fusion.get("GroupQueryAttention"):
+            self.notes.append("this graph's fp32 GroupQueryAttention has no CUDA kernel: ONNX Runtime runs it on the "
+                              "CPU, copying every layer's activations across (bench/results/gpu_h200.json: no faster "
+                              "than 16 CPU threads); export with --no-fuse for a GPU")
         inputs = [i.name for i in self.ort_session.get_inputs()]
         # an artifact exported before attention masks runs unpadded input (the mask is then not fed)
         self.has_mask = MASK in inputs
@@ -109,7 +122,8 @@ class OnnxRuntimeRunner(Runner):
         so = self.ort_session.get_session_options()
         return {"runtime": self.name, "provider": self.provider, "providers_active": self.ort_session.get_providers(),
                 "precision": self.resolved.manifest.get("precision", "fp32"), "onnxruntime": ort.__version__,
-                "threads": so.intra_op_num_threads or None, "iobinding": self.iobinding}
+                "threads": so.intra_op_num_threads or None, "iobinding": self.iobinding,
+                **({"notes": self.notes} if self.notes else {})}
 
     def no_mask_error(self) -> EdgekitError:
         return EdgekitError(f"{self.resolved.name} was exported before attention masks: its graph has no "

@@ -6,6 +6,9 @@ The KV-cache session keeps the cache as tensors on the device; only the last pos
 R1's executed flags) come back to the host each step, which also synchronises CUDA for timing. R1's cache is
 its model's RoutedCache: pre-allocated K/V buffers written in place plus the mean K of every completed block,
 so a decode step routes over the block summaries and reads only the selected blocks (no copy of the cache).
+A full-size preset (fp32 weights above models.FULL_SIZE_BYTES) profiled on a GPU draws its seeded random
+weights on that GPU when they fit there in fp32: the CPU draws ~45 M parameters/s, minutes for r1-8.5b. Such a
+model's weights then differ from the CPU's draw of the same seed; smaller presets are drawn on the CPU as always.
 """
 
 from __future__ import annotations
@@ -55,6 +58,20 @@ class TorchSession(Session):
         return last, flags
 
 
+def _preset_on_gpu(res, device: str):
+    """A full-size preset built directly on `device` (CUDA) when its fp32 weights fit there; else None."""
+    if res.kind != "preset" or not device.startswith("cuda"):
+        return None
+    import torch
+
+    from edgekit.models import FULL_SIZE_BYTES, build, fp32_bytes
+
+    need = fp32_bytes(res.cfg)
+    if need <= FULL_SIZE_BYTES or need > 0.9 * torch.cuda.mem_get_info(torch.device(device))[0]:
+        return None
+    return build(res.cfg, device=device)
+
+
 class TorchRunner(Runner):
     name = "torch"
 
@@ -76,7 +93,8 @@ class TorchRunner(Runner):
         given = self.resolved.model is not None
         from edgekit.checkpoint import load_model
 
-        model = load_model(self.resolved)
+        model = _preset_on_gpu(self.resolved, device) if not given else None
+        model = model if model is not None else load_model(self.resolved)
         self.quantized = bool(getattr(model, "quantized", False))
         if self.quantized and (dtype != "fp32" or device != "cpu"):
             raise EdgekitError(f"{self.resolved.name} is a torch-int8 checkpoint: it runs in fp32 on the CPU only "

@@ -23,6 +23,14 @@ def build(cfg: ModelConfig | str, device: str | torch.device = "cpu", seed: int 
     return model.eval()
 
 
+def fp32_bytes(cfg: ModelConfig | str) -> int:
+    """Bytes of the model's unique parameters in fp32 (built on the meta device: nothing allocated)."""
+    return 4 * param_counts(build(cfg, device="meta"))["unique"]
+
+
+FULL_SIZE_BYTES = 4 << 30  # fp32 weights above this: a full-size model (streamed export, GPU-drawn weights)
+
+
 def param_counts(model: CausalLM) -> dict[str, int]:
     """unique = every stored parameter once; total = as executed (a shared block counts per use)."""
     cfg = model.cfg

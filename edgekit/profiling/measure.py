@@ -179,8 +179,9 @@ def profile(target: str | Path, runtime: str | None = None, *, prompt_len: int =
             if not show_progress:
                 advance = lambda *a, **k: None  # noqa: E731
             with mem:
-                cuda = cuda_reset(runner)
                 with runner:
+                    # after loading: a model drawn on the GPU in fp32 and cast is no peak of running it
+                    cuda = cuda_reset(runner)
                     report["runtime"] = runner.describe()
                     for _ in range(warmup):
                         one_run(runner, prompts, new_tokens, thr, None, advance)

@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ISSUE_DEVICES = ["a100-40gb", "a100-80gb", "h100-sxm", "l4", "t4", "jetson-agx-thor", "jetson-agx-orin-64gb",
+ISSUE_DEVICES = ["a100-40gb", "a100-80gb", "h100-sxm", "h200", "l4", "t4", "jetson-agx-thor", "jetson-agx-orin-64gb",
                  "jetson-agx-orin-32gb", "jetson-orin-nx-16gb", "jetson-orin-nx-8gb", "jetson-orin-nano-8gb",
                  "jetson-orin-nano-4gb", "jetson-agx-xavier", "jetson-xavier-nx", "jetson-nano"]
 FILES = sorted(profiles.DIR.glob("*.toml"))

@@ -169,12 +169,29 @@ def test_onnxruntime_gpu_provider(provider, onnx_r1_tiny):
 
     if PROVIDERS[provider] not in ort.get_available_providers():
         pytest.skip(f"this onnxruntime has no {PROVIDERS[provider]}")
+    try:
+        open_runner(onnx_r1_tiny, "onnxruntime", provider=provider).activate()
+    except EdgekitError as e:  # listed but its libraries are absent (onnxruntime-gpu without TensorRT)
+        if "could not start" not in str(e):
+            raise
+        pytest.skip(str(e))
     with open_runner(onnx_r1_tiny, "onnxruntime") as cpu, \
             open_runner(onnx_r1_tiny, "onnxruntime", provider=provider) as gpu:
         assert gpu.describe()["iobinding"]
         a, _ = run_session(cpu, 0.5)
         b, _ = run_session(gpu, 0.5)
     np.testing.assert_allclose(a, b, atol=1e-2)
+
+
+def test_a_listed_provider_that_does_not_start_is_an_error_not_a_silent_cpu_run(onnx_r1_tiny, monkeypatch):
+    """onnxruntime-gpu lists TensorrtExecutionProvider without TensorRT's libraries and then runs on the CPU
+    provider (seen on an H200); here a CPU-only onnxruntime is made to list CUDA the same way."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.warns(UserWarning), pytest.raises(EdgekitError, match="lists CUDAExecutionProvider but could not "
+                                                                      "start it .*got CPUExecutionProvider"):
+        open_runner(onnx_r1_tiny, "onnxruntime", provider="cuda").activate()
 
 
 def chunked_vs_one_call(one, chunked, prompt, thresholds=None, steps: int = 3):
