@@ -244,8 +244,15 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
     spec = DecoderSpec(res.cfg)
     fp32_dir = tmp / "fp32" if int8 else tmp
     fp32_dir.mkdir(exist_ok=True)
-    with progress(f"exporting {res.name} to ONNX (torch.export)") as advance:
-        onnx_exporter.export_graph(model, fp32_dir / onnx_exporter.MODEL_FILE)
+    from exporters import onnx_hf_stamp
+
+    stamped = res.kind == "hf" and onnx_hf_stamp.stampable(res.cfg)  # a 2-layer trace stamped to full depth
+    with progress(f"exporting {res.name} to ONNX (torch.export"
+                  f"{f' of {onnx_hf_stamp.TEMPLATE_LAYERS} layers, stamped' if stamped else ''})") as advance:
+        if stamped:
+            onnx_hf_stamp.export_graph(model, fp32_dir / onnx_exporter.MODEL_FILE)
+        else:
+            onnx_exporter.export_graph(model, fp32_dir / onnx_exporter.MODEL_FILE)
         advance(1)
     fusion = None
     if fuse and is_hf(res.cfg) and not spec.gated:

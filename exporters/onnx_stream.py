@@ -71,14 +71,16 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def stamped_graph(cfg, workdir: Path, int8: bool, template_model=None) -> tuple[object, dict]:
-    """(stamped ModelProto with weights not yet written, info). The template is traced into workdir."""
+def stamped_graph(cfg, workdir: Path, int8: bool, template_model=None, plan: LayerPlan | None = None
+                  ) -> tuple[object, dict]:
+    """(stamped ModelProto with weights not yet written, info). The template is traced into workdir.
+    plan: layer_plan(cfg) unless given (Hugging Face models: exporters/onnx_hf_stamp.py, with template_model)."""
     import onnx
 
     from edgekit.models import build
     from exporters.onnx import MODEL_FILE
 
-    plan = layer_plan(cfg)
+    plan = plan or layer_plan(cfg)
     t0 = time.monotonic()
     if template_model is not None:
         tmodel = template_model
