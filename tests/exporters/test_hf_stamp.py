@@ -21,7 +21,6 @@ LAYERS = 4
 def hf_dir(directory, arch: str, vocab: int = 256):
     """A seeded random 4-layer model (weights redrawn with std 0.2: distinct, not near-tied logits)."""
     import transformers
-
     from hf_tiny import COMMON, SEEDS, write_tokenizer
 
     torch.manual_seed(SEEDS[arch])
