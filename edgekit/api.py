@@ -220,7 +220,12 @@ def _export_streamed(res, out, int8: bool, force: bool, min_cosine: float | None
 
     out = Path(out)
     with staging(out, force) as tmp, captured(tmp / LOG_DIR / "export.log", "export") as log:
-        _write_common(tmp, res.cfg)
+        if res.kind == "hf":
+            from edgekit.hfconfig import write_side_files
+
+            write_side_files(tmp, res.path)
+        else:
+            _write_common(tmp, res.cfg)
         fields = streamed.export(res, tmp, int8, random_weights, 0.99 if min_cosine is None else min_cosine,
                                  tolerance, progress)
         log.close()

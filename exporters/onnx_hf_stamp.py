@@ -20,6 +20,8 @@ import copy
 import re
 from pathlib import Path
 
+import numpy as np
+
 from edgekit.errors import EdgekitError
 
 TEMPLATE_LAYERS = 2
@@ -239,3 +241,71 @@ def init_reference(hf_config) -> dict:
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(hc, dtype=torch.float32)
     return {f"hf.{n}": t for n, t in hf.state_dict().items()}
+
+
+def hf_config(directory: Path):
+    """The transformers config of a Hugging Face directory (config.json only: no weights needed)."""
+    from edgekit.hfconfig import require
+
+    transformers = require("transformers")
+    return transformers.AutoConfig.from_pretrained(str(directory))
+
+
+def weight_source(directory: Path, random_weights: bool, seed: int = 0):
+    """The streamed export's weights for a Hugging Face directory, under HFCausalLM's names (`hf.`...): its
+    *.safetensors (read one tensor at a time, bf16 converted per tensor), or seeded random tensors of the config's
+    shapes at the model's own initialisation scale (RandomWeights: never the whole model in fp32)."""
+    from edgekit.weights import Prefixed, RandomWeights, SafetensorsWeights
+
+    hc = hf_config(directory)
+    if random_weights:
+        return RandomWeights(shapes(hc), init_reference(hc), seed)
+    source = Prefixed(SafetensorsWeights(Path(directory)), "hf.")
+    missing = [n for n in shapes(hc) if n not in set(source.names()) and not (
+        n == "hf.lm_head.weight" and getattr(hc, "tie_word_embeddings", False))]
+    if missing:
+        raise EdgekitError(f"{directory}: the weights lack {len(missing)} tensor(s) the config needs, e.g. "
+                           f"{missing[0].removeprefix('hf.')}", "pass --random-weights for seeded random weights of "
+                           "this shape, or complete the directory")
+    return source
+
+
+def export_streamed(hf_config_, cfg, source, out_dir: Path, int8: bool, progress=None) -> dict:
+    """exporters.onnx_stream.export_streamed for a Hugging Face llama / qwen2 model: out_dir/model.onnx + .data from
+    the 2-layer template, weights streamed from `source` (int8: quantized per tensor on the way). Unfused: the
+    fused graph (exporters/onnx_fuse.py) packs q/k/v from whole fp32 weights in memory."""
+    import shutil
+    import tempfile
+    import time
+
+    from exporters.onnx import MODEL_FILE
+    from exporters.onnx_stream import peak_rss_gib, write_weights
+
+    out_dir = Path(out_dir)
+    t0 = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="template-", dir=out_dir))
+    small = sum(int(np.prod(s)) for n, s in source_shapes(source).items() if ".layers.0." in n or ".layers.1." in n)
+    try:
+        from exporters.onnx_stream import CHECK_ELEMENTS
+
+        proto, info = stamped_hf_graph(hf_config_, cfg, work, int8, materialise=small <= CHECK_ELEMENTS)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    info["template_peak_rss_gib"] = round(peak_rss_gib(), 2)
+    if not int8:
+        source = TransposedWeights(source, fold_transposes(proto))
+    layers = []
+
+    def on_layer(layer: int, written: int) -> None:
+        layers.append({"layer": layer, "elapsed_s": round(time.monotonic() - t0, 1), "written_bytes": written,
+                       "peak_rss_gib": round(peak_rss_gib(), 2)})
+        if progress is not None:
+            progress(layer, layers[-1])
+
+    info.update(write_weights(proto, source, out_dir / MODEL_FILE, on_layer))
+    info.update(total_s=round(time.monotonic() - t0, 1), peak_rss_gib=round(peak_rss_gib(), 2), layers=layers)
+    return info
+
+
+def source_shapes(source) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(source.shape(n)) for n in source.names()}

@@ -94,3 +94,63 @@ def test_only_plain_deep_llama_and_qwen2_are_stamped():
     assert not onnx_hf_stamp.stampable(HFConfig(model_type="deepseek_v3", **base))  # MLA + MoE: traced whole
     assert not onnx_hf_stamp.stampable(HFConfig(model_type="llama", gated_layers=(1,), **base))  # If per gated layer
     assert not onnx_hf_stamp.stampable(HFConfig(model_type="llama", **{**base, "n_layers": 2}))  # nothing to gain
+
+
+def _quantized(path) -> list[tuple]:
+    """(dims, bytes) of every int8 weight (uint8) and its scales, sorted: names differ between the paths."""
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    return sorted((tuple(t.dims), numpy_helper.to_array(t).tobytes()) for t in m.graph.initializer
+                  if t.data_type == 2 or t.name.endswith("_scales"))
+
+
+def test_streamed_export_of_a_safetensors_directory_equals_the_in_memory_int8(both, tmp_path):
+    """`export --stream --int8` of the HF directory: int8 weights byte-identical to the in-memory quantizer's on the
+    fully traced graph, validated against the whole PyTorch model (a small model)."""
+    import json
+
+    from edgekit import api
+    from exporters.onnx_int8 import quantize_int8
+
+    model, traced, _, _ = both
+    quantize_int8(traced, tmp_path / "traced_int8.onnx")
+    hf = traced.parent.parent / "hf"
+    r = api.export(hf, "onnx", tmp_path / "streamed", int8=True, stream=True)
+    assert r["weights"] == "Hugging Face safetensors" and r["streamed"]["template_layers"] == 2
+    assert r["validation"]["int8"]["passed"] and r["validation"]["int8"]["logit_cosine_mean"] > 0.99
+    want, got = _quantized(tmp_path / "traced_int8.onnx"), _quantized(tmp_path / "streamed" / "model.onnx")
+    assert len(got) == 2 * (7 * LAYERS + 2) and got == want  # qkvo, gate, up, down; embedding, head
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text())["model_type"] == model.cfg.model_type
+
+
+def test_random_weights_export_of_a_config_only_directory(tmp_path, cli):
+    """A directory with only config.json (the shape of a published model, no weights): `--random-weights` streams
+    seeded tensors at the model's init scale, validated one decoder layer at a time; without it, a one-line error."""
+    import json
+
+    import transformers
+    from hf_tiny import COMMON
+
+    d = tmp_path / "cfg"
+    d.mkdir()
+    transformers.Qwen2Config(**{**COMMON, "num_hidden_layers": LAYERS, "vocab_size": 1500}).save_pretrained(d)
+    assert [p.name for p in d.iterdir()] == ["config.json"]
+    code, _, err = cli("export", str(d), "--format", "onnx", "--int8", "--stream", "--out", str(tmp_path / "x"))
+    assert code == 1 and "no *.safetensors" in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli("export", str(d), "--format", "onnx", "--int8", "--random-weights", "--out",
+                         str(tmp_path / "rand"), "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["weights"] == "random (seeded per tensor)" and r["streamed"]["vocab_widened"] > 0
+    assert r["validation"]["int8"]["passed"]
+    from edgekit.weights import RandomWeights
+    from exporters.onnx_hf_stamp import hf_config, weight_source
+
+    source = weight_source(d, random_weights=True)
+    assert isinstance(source, RandomWeights)
+    w = source.get("hf.model.layers.3.mlp.up_proj.weight")
+    assert w.shape == (COMMON["intermediate_size"], COMMON["hidden_size"]) and abs(float(w.std()) - 0.02) < 2e-3
+    assert np.array_equal(w, weight_source(d, random_weights=True).get("hf.model.layers.3.mlp.up_proj.weight"))
+    assert float(source.get("hf.model.layers.3.input_layernorm.weight").min()) == 1.0  # norms at their init: ones
+    assert hf_config(d).vocab_size == 1500
