@@ -190,8 +190,10 @@ def layered_check(model, runner, spec, min_cosine: float) -> dict:
             step_feeds["thresholds"] = thr
         past = None
         for step in ("prefill", "decode") if label != "skip-all-gated" else ("prefill",):  # each a full pass
-            if step == "decode":
-                step_feeds = {**step_feeds, "input_ids": np.array([[3]], np.int64), **past}
+            if step == "decode":  # one new token on the prefill's cache: the mask covers both
+                total = past["past.0.key"].shape[2] + 1
+                step_feeds = {**step_feeds, "input_ids": np.array([[3]], np.int64),
+                              "attention_mask": np.ones((1, total), np.int64), **past}
             got = runner.infer(step_feeds)
             with torch.no_grad():
                 ids = torch.from_numpy(step_feeds["input_ids"])

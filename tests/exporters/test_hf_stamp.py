@@ -154,3 +154,17 @@ def test_random_weights_export_of_a_config_only_directory(tmp_path, cli):
     assert np.array_equal(w, weight_source(d, random_weights=True).get("hf.model.layers.3.mlp.up_proj.weight"))
     assert float(source.get("hf.model.layers.3.input_layernorm.weight").min()) == 1.0  # norms at their init: ones
     assert hf_config(d).vocab_size == 1500
+    # the reference of models over 1 GiB: one decoder layer at a time, prefill then decode on its cache
+    from edgekit import streamed
+    from edgekit.resolve import resolve
+    from edgekit.weights import hf_layer_streamed_model
+    from runtimes.onnxruntime import OnnxRuntimeRunner
+
+    res = resolve(tmp_path / "rand")
+    model = hf_layer_streamed_model(hf_config(d), res.cfg, source)
+    assert all(p.is_meta for p in model.hf.model.layers.parameters())
+    with OnnxRuntimeRunner(res) as runner:
+        report = streamed.layered_check(model, runner, DecoderSpec(res.cfg), 0.99)
+    assert report["passed"] and [c["step"] for c in report["cases"]] == ["prefill", "decode"]
+    assert all(c["argmax_agreement"] > 0.5 for c in report["cases"])
+    assert all(p.is_meta for p in model.hf.model.layers.parameters())  # each layer released after its forward
