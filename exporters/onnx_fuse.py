@@ -333,13 +333,18 @@ def _prune(graph) -> None:
 
 def fuse_norms(model):
     """RMSNorm (+ residual Add) -> SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     from edgekit.quiet import captured
 
+    options = FusionOptions("gpt2")  # the norm fusions only: the others match nothing here and cost ~1 s each
+    for name in ("enable_gelu", "enable_rotary_embeddings", "enable_attention", "enable_qordered_matmul",
+                 "enable_embed_layer_norm", "enable_bias_gelu", "enable_bias_skip_layer_norm"):
+        setattr(options, name, False)
     with captured(None, "norm fusion"):  # the optimizer logs each fusion at WARNING level
         return optimize_model(model, model_type="gpt2", num_heads=0, hidden_size=0, opt_level=0,
-                              use_gpu=False).model
+                              optimization_options=options, use_gpu=False).model
 
 
 def _suffix_graph(graph, suffix: str, keep: set[str]):
