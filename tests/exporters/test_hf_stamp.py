@@ -143,6 +143,9 @@ def test_random_weights_export_of_a_config_only_directory(tmp_path, cli):
     assert code == 0, err
     r = json.loads(out)
     assert r["weights"] == "random (seeded per tensor)" and r["streamed"]["vocab_widened"] > 0
+    q = r["quantization"]  # the stamped graph's counts, not the 2-layer template's
+    assert q["weights_quantized"] == 7 * LAYERS + 2 and q["template_weights_quantized"] == 7 * 2 + 2
+    assert q["MatMulNBits_main"] == 7 * LAYERS + 1 == r["graph_ops"]["MatMulNBits"]
     assert r["validation"]["int8"]["passed"]
     from edgekit.weights import RandomWeights
     from exporters.onnx_hf_stamp import hf_config, weight_source
