@@ -122,6 +122,9 @@ def test_streamed_export_of_a_safetensors_directory_equals_the_in_memory_int8(bo
     want, got = _quantized(tmp_path / "traced_int8.onnx"), _quantized(tmp_path / "streamed" / "model.onnx")
     assert len(got) == 2 * (7 * LAYERS + 2) and got == want  # qkvo, gate, up, down; embedding, head
     assert json.loads((tmp_path / "streamed" / "config.json").read_text())["model_type"] == model.cfg.model_type
+    fp32 = api.export(hf, "onnx", tmp_path / "fp32", stream=True)  # Transposes folded, weights written transposed
+    assert fp32["validation"]["fp32"]["passed"] and fp32["validation"]["fp32"]["max_relative_diff"] < 1e-4
+    assert fp32["graph_ops"] == _ops(traced)
 
 
 def test_random_weights_export_of_a_config_only_directory(tmp_path, cli):
