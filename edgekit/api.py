@@ -220,7 +220,12 @@ def _export_streamed(res, out, int8: bool, force: bool, min_cosine: float | None
 
     out = Path(out)
     with staging(out, force) as tmp, captured(tmp / LOG_DIR / "export.log", "export") as log:
-        _write_common(tmp, res.cfg)
+        if res.kind == "hf":
+            from edgekit.hfconfig import write_side_files
+
+            write_side_files(tmp, res.path)
+        else:
+            _write_common(tmp, res.cfg)
         fields = streamed.export(res, tmp, int8, random_weights, 0.99 if min_cosine is None else min_cosine,
                                  tolerance, progress)
         log.close()
@@ -231,21 +236,25 @@ def _export_streamed(res, out, int8: bool, force: bool, min_cosine: float | None
 
 def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance: float, progress,
                  text: tuple, max_ppl_increase: float = 0.02, fidelity_data=None, fuse: bool = True) -> dict:
-    import shutil
 
-    from edgekit import validate
     from edgekit.resolve import Resolved
     from edgekit.spec import DecoderSpec
     from exporters import onnx as onnx_exporter
-    from exporters.onnx_graph import graph_ops
     from runtimes.onnxruntime import OnnxRuntimeRunner
     from runtimes.torch import TorchRunner
 
     spec = DecoderSpec(res.cfg)
     fp32_dir = tmp / "fp32" if int8 else tmp
     fp32_dir.mkdir(exist_ok=True)
-    with progress(f"exporting {res.name} to ONNX (torch.export)") as advance:
-        onnx_exporter.export_graph(model, fp32_dir / onnx_exporter.MODEL_FILE)
+    from exporters import onnx_hf_stamp
+
+    stamped = res.kind == "hf" and onnx_hf_stamp.stampable(res.cfg)  # a 2-layer trace stamped to full depth
+    with progress(f"exporting {res.name} to ONNX (torch.export"
+                  f"{f' of {onnx_hf_stamp.TEMPLATE_LAYERS} layers, stamped' if stamped else ''})") as advance:
+        if stamped:
+            onnx_hf_stamp.export_graph(model, fp32_dir / onnx_exporter.MODEL_FILE)
+        else:
+            onnx_exporter.export_graph(model, fp32_dir / onnx_exporter.MODEL_FILE)
         advance(1)
     fusion = None
     if fuse and is_hf(res.cfg) and not spec.gated:
@@ -255,10 +264,39 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
             fusion = fuse_file(fp32_dir / onnx_exporter.MODEL_FILE, model.hf.config.num_attention_heads,
                                res.cfg.max_seq_len)
             advance(1)
-    reference = TorchRunner(Resolved(res.kind, res.name, res.cfg, res.path, model=model))
+    import contextlib
+
+    import torch
+
+    # one PyTorch reference and one fp32 session for the fp32 check, the int8 check and the perplexity gate. The
+    # reference runs single-threaded: its calls are <= 27 tokens, where a second thread gains little and, on a
+    # shared 2-core machine, OpenMP's spinning made them 13x slower (SmolLM2, load 5: 7.6 s vs 0.58 s a call); the
+    # sessions' idle threads sleep rather than spin (a 256-token perplexity window: 0.92 s vs 1.16 s at load 6)
+    threads = torch.get_num_threads()
+    stack = contextlib.ExitStack()
+    stack.callback(torch.set_num_threads, threads)
+    reference = stack.enter_context(TorchRunner(Resolved(res.kind, res.name, res.cfg, res.path, model=model),
+                                                threads=1))
+    fp32_runner = stack.enter_context(OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, fp32_dir), spin=False))
+    with stack:
+        return _validate_onnx(res, model, reference, fp32_runner, spec, tmp, fp32_dir, int8, min_cosine, tolerance,
+                              progress, text, max_ppl_increase, fidelity_data, fusion, stack)
+
+
+def _validate_onnx(res, model, reference, fp32_runner, spec, tmp: Path, fp32_dir: Path, int8: bool, min_cosine: float,
+                   tolerance: float, progress, text: tuple, max_ppl_increase: float, fidelity_data, fusion,
+                   stack) -> dict:
+    """_export_onnx's checks: fp32 graph vs PyTorch, then (int8) quantize, int8 vs PyTorch, perplexity gate."""
+    import shutil
+
+    from edgekit import validate
+    from edgekit.resolve import Resolved
+    from exporters import onnx as onnx_exporter
+    from exporters.onnx_graph import graph_ops
+    from runtimes.onnxruntime import OnnxRuntimeRunner
+
     n_cases = len(validate.cases(spec))
-    with reference, OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, fp32_dir)) as fp32_runner, \
-            progress("validating fp32 graph against PyTorch", n_cases) as advance:
+    with progress("validating fp32 graph against PyTorch", n_cases) as advance:
         validation = validate.validate(reference, fp32_runner, spec, tolerance=tolerance, advance=advance)
         if res.kind == "hf":  # MoE: inputs that reach every routed expert, graph == PyTorch on them
             from edgekit.models.hf import check_experts
@@ -280,8 +318,7 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
         with progress("quantizing to int8 (block int8 weights, int8 activations; If branches included)") as advance:
             quantization = quantize_int8(fp32_dir / onnx_exporter.MODEL_FILE, tmp / onnx_exporter.MODEL_FILE)
             advance(1)
-        with reference, OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, fp32_dir)) as fp32_runner, \
-                OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, tmp)) as int8_runner:
+        with OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, tmp), spin=False) as int8_runner:
             with progress("checking int8 fidelity", n_cases) as advance:
                 report = validate.validate(reference, int8_runner, spec, tolerance=None, min_cosine=min_cosine,
                                            advance=advance, text=text[0], text_source=text[1])
@@ -295,6 +332,7 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
                     advance(1)
         fields["validation"]["int8"] = report
         fields["quantization"] = {"method": METHOD, **quantization}
+        stack.close()  # the fp32 session, before its files go
         shutil.rmtree(fp32_dir)
         int8_bytes = _dir_bytes(tmp)
         fields.update(precision="int8", graph_ops=graph_ops(tmp / onnx_exporter.MODEL_FILE))

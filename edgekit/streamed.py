@@ -26,24 +26,37 @@ STREAM_ABOVE_BYTES = 4 << 30
 FULL_REFERENCE_BYTES = 1 << 30
 
 
-def fp32_bytes(cfg) -> int:
+def fp32_bytes(cfg, path=None) -> int:
+    if _hf(cfg):  # a Hugging Face llama / qwen2 directory: its config's shapes
+        from exporters.onnx_hf_stamp import hf_config, shapes
+
+        hc = hf_config(path)
+        return 4 * sum(int(np.prod(s)) for n, s in shapes(hc).items()
+                       if not (n == "hf.lm_head.weight" and getattr(hc, "tie_word_embeddings", False)))
     from edgekit.models import build, param_counts
 
     return 4 * param_counts(build(cfg, device="meta"))["unique"]
 
 
+def _hf(cfg) -> bool:
+    from exporters.onnx_hf_stamp import stampable
+
+    return getattr(cfg, "family", "").startswith("hf-") and stampable(cfg)
+
+
 def wants_stream(res, fmt: str, stream: bool | None, random_weights: bool) -> bool:
-    if res.kind not in ("preset", "checkpoint"):
+    if res.kind not in ("preset", "checkpoint") and not (res.kind == "hf" and _hf(res.cfg)):
         if stream or random_weights:
-            raise EdgekitError(f"streamed export takes edgekit presets and checkpoints, not a {res.kind} target",
+            raise EdgekitError(f"streamed export takes edgekit presets and checkpoints and Hugging Face llama / qwen2 "
+                               f"directories without skip gates, not this {res.kind} target",
                                "drop --stream / --random-weights (this target exports in memory)")
         return False
-    big = fp32_bytes(res.cfg) > STREAM_ABOVE_BYTES
+    big = fp32_bytes(res.cfg, res.path) > STREAM_ABOVE_BYTES
     if stream is False and random_weights:
         raise EdgekitError("--random-weights is streamed", "drop --no-stream")
     if stream is False and big:
-        raise EdgekitError(f"{res.name} has {fp32_bytes(res.cfg) / 2**30:.0f} GiB of fp32 weights: the in-memory "
-                           "export needs several times that", "drop --no-stream")
+        raise EdgekitError(f"{res.name} has {fp32_bytes(res.cfg, res.path) / 2**30:.0f} GiB of fp32 weights: the "
+                           "in-memory export needs several times that", "drop --no-stream")
     if not (stream or random_weights or big):
         return False
     if fmt != "onnx":
@@ -55,6 +68,10 @@ def wants_stream(res, fmt: str, stream: bool | None, random_weights: bool) -> bo
 def weight_source(res, random_weights: bool, seed: int = 0):
     from edgekit.weights import RandomWeights, SafetensorsWeights
 
+    if res.kind == "hf":
+        from exporters.onnx_hf_stamp import weight_source as hf_source
+
+        return hf_source(res.path, random_weights, seed)
     if res.kind == "preset" or random_weights:
         import dataclasses
 
@@ -90,12 +107,19 @@ def export(res, tmp: Path, int8: bool, random_weights: bool, min_cosine: float, 
             advance(1, description=f"writing layer {layer + 1}/{cfg.n_layers}  {row['elapsed_s']:.0f}s  "
                                    f"peak RSS {row['peak_rss_gib']:.2f} GiB")
 
-        info = export_streamed(cfg, source, tmp, int8, progress=on_layer)
+        if res.kind == "hf":
+            from exporters import onnx_hf_stamp
+
+            info = onnx_hf_stamp.export_streamed(onnx_hf_stamp.hf_config(res.path), cfg, source, tmp, int8,
+                                                 progress=on_layer)
+        else:
+            info = export_streamed(cfg, source, tmp, int8, progress=on_layer)
     info["wall_s"] = round(time.monotonic() - t0, 1)
     fields = {"format": "onnx", "precision": "int8" if int8 else "fp32", "model_file": onnx_exporter.MODEL_FILE,
               "opset": onnx_exporter.OPSET, "inputs": spec.input_names, "outputs": spec.output_names,
               "dynamic_axes": spec.dynamic_axes(), "graph_ops": graph_ops(tmp / onnx_exporter.MODEL_FILE),
-              "weights": "random (seeded per tensor)" if res.kind == "preset" or random_weights else "checkpoint",
+              "weights": "random (seeded per tensor)" if res.kind == "preset" or random_weights else (
+                  "Hugging Face safetensors" if res.kind == "hf" else "checkpoint"),
               "streamed": {k: v for k, v in info.items() if k not in ("layers", "quantization")},
               "size": {("int8_bytes" if int8 else "fp32_bytes"): sum(
                   p.stat().st_size for p in Path(tmp).glob("model.onnx*"))}}
@@ -112,6 +136,10 @@ def export(res, tmp: Path, int8: bool, random_weights: bool, min_cosine: float, 
 def _template_layers(cfg) -> int:
     from exporters.onnx_stream import layer_plan
 
+    if _hf(cfg):
+        from exporters.onnx_hf_stamp import TEMPLATE_LAYERS
+
+        return TEMPLATE_LAYERS
     return layer_plan(cfg).template_cfg.n_layers
 
 
@@ -125,14 +153,21 @@ def validate(res, source, tmp: Path, int8: bool, min_cosine: float, tolerance: f
 
     cfg = res.cfg
     spec = DecoderSpec(cfg)
+    hf = res.kind == "hf"
+    if hf:  # one decoder layer at a time; for a small model the whole model, judged as the in-memory path does
+        from edgekit.weights import hf_layer_streamed_model
+        from exporters.onnx_hf_stamp import hf_config
+
+        whole = fp32_bytes(cfg, res.path) <= FULL_REFERENCE_BYTES
+        layered = hf_layer_streamed_model(hf_config(res.path), cfg, source, lazy=not whole)
     with OnnxRuntimeRunner(Resolved("onnx", res.name, cfg, tmp)) as runner:
-        if fp32_bytes(cfg) <= FULL_REFERENCE_BYTES:
-            model = model_from(cfg, source)
-            with TorchRunner(Resolved("preset", res.name, cfg, model=model)) as reference:
+        if fp32_bytes(cfg, res.path) <= FULL_REFERENCE_BYTES:
+            model = layered if hf else model_from(cfg, source)
+            with TorchRunner(Resolved("hf" if hf else "preset", res.name, cfg, model=model)) as reference:
                 report = checks.validate(reference, runner, spec, tolerance=None if int8 else tolerance,
                                          min_cosine=min_cosine if int8 else None)
             return {"int8" if int8 else "fp32": report}
-        report = layered_check(layer_streamed_model(cfg, source), runner, spec, min_cosine)
+        report = layered_check(layered if hf else layer_streamed_model(cfg, source), runner, spec, min_cosine)
     return {"streamed": report}
 
 
@@ -155,8 +190,10 @@ def layered_check(model, runner, spec, min_cosine: float) -> dict:
             step_feeds["thresholds"] = thr
         past = None
         for step in ("prefill", "decode") if label != "skip-all-gated" else ("prefill",):  # each a full pass
-            if step == "decode":
-                step_feeds = {**step_feeds, "input_ids": np.array([[3]], np.int64), **past}
+            if step == "decode":  # one new token on the prefill's cache: the mask covers both
+                total = past["past.0.key"].shape[2] + 1
+                step_feeds = {**step_feeds, "input_ids": np.array([[3]], np.int64),
+                              "attention_mask": np.ones((1, total), np.int64), **past}
             got = runner.infer(step_feeds)
             with torch.no_grad():
                 ids = torch.from_numpy(step_feeds["input_ids"])

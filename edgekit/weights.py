@@ -185,3 +185,60 @@ def layer_streamed_model(cfg, source: WeightSource):
 
     model.blocks = LazyBlocks(list(model.blocks))
     return model.eval()
+
+
+class Prefixed(WeightSource):
+    """Another source's tensors under `prefix` + their names (a Hugging Face directory's `model.layers.0...` as
+    HFCausalLM's `hf.model.layers.0...`)."""
+
+    def __init__(self, source: WeightSource, prefix: str):
+        self.source, self.prefix = source, prefix
+
+    def names(self) -> list[str]:
+        return [self.prefix + n for n in self.source.names()]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name.removeprefix(self.prefix))
+
+    def get(self, name: str) -> np.ndarray:
+        return self.source.get(name.removeprefix(self.prefix))
+
+
+def hf_layer_streamed_model(hf_config, cfg, source: WeightSource, lazy: bool = True):
+    """The Hugging Face llama / qwen2 model (HFCausalLM, parameters named `hf.`...) with each decoder layer
+    materialised from the source when the forward reaches it and released after it: a reference for models whose
+    fp32 weights do not fit in memory. Memory: embedding, head, final norm and one layer. Eager forward only.
+    lazy=False: every layer loaded now (the whole model, for small ones)."""
+    import torch
+    import transformers
+    from torch import nn
+
+    from edgekit.models.hf import HFCausalLM
+
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation="eager")
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.model.rotary_emb.config)  # built on the CPU
+    tied = {n for n, _ in hf.named_parameters(remove_duplicate=False)} - {n for n, _ in hf.named_parameters()}
+    for name, _ in hf.named_parameters(remove_duplicate=False):
+        if ".layers." not in name:
+            parent, _, leaf = name.rpartition(".")
+            module = hf.get_submodule(parent) if parent else hf
+            if name in tied:  # lm_head tied to the embedding: the same tensor
+                continue
+            setattr(module, leaf, nn.Parameter(torch.from_numpy(source.get(f"hf.{name}")), requires_grad=False))
+    if tied:
+        hf.tie_weights()
+
+    def load(layer, _args, index):
+        layer.to_empty(device="cpu")
+        with torch.no_grad():
+            for n, p in layer.named_parameters():
+                p.copy_(torch.from_numpy(source.get(f"hf.model.layers.{index}.{n}")))
+
+    for i, layer in enumerate(hf.model.layers):
+        if not lazy:
+            load(layer, (), i)
+            continue
+        layer.register_forward_pre_hook(lambda m, a, i=i: load(m, a, i))
+        layer.register_forward_hook(lambda m, a, out: m.to_empty(device="meta") and None)
+    return HFCausalLM(hf.eval(), cfg)

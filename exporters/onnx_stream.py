@@ -71,14 +71,16 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def stamped_graph(cfg, workdir: Path, int8: bool, template_model=None) -> tuple[object, dict]:
-    """(stamped ModelProto with weights not yet written, info). The template is traced into workdir."""
+def stamped_graph(cfg, workdir: Path, int8: bool, template_model=None, plan: LayerPlan | None = None
+                  ) -> tuple[object, dict]:
+    """(stamped ModelProto with weights not yet written, info). The template is traced into workdir.
+    plan: layer_plan(cfg) unless given (Hugging Face models: exporters/onnx_hf_stamp.py, with template_model)."""
     import onnx
 
     from edgekit.models import build
     from exporters.onnx import MODEL_FILE
 
-    plan = layer_plan(cfg)
+    plan = plan or layer_plan(cfg)
     t0 = time.monotonic()
     if template_model is not None:
         tmodel = template_model
@@ -177,8 +179,6 @@ def write_weights(proto, source, path: Path, on_layer: Callable[[int, int], None
     import onnx
     from onnx import TensorProto, numpy_helper
 
-    from exporters.onnx_int8 import block_quantize_rows
-
     path = Path(path)
     params = set(source.names())
     g = proto.graph
@@ -222,7 +222,7 @@ def write_weights(proto, source, path: Path, on_layer: Callable[[int, int], None
                         current, current_arr = o[1], source.get(o[1])
                     if key not in blocks:
                         raise EdgekitError(f"no block size for {t.name}", "this is an edgekit bug")
-                    pending[key] = [*block_quantize_rows(current_arr.T if o[2] else current_arr, blocks[key]), 0]
+                    pending[key] = [*quantize_rows_chunked(current_arr.T if o[2] else current_arr, blocks[key]), 0]
                 entry = pending[key]
                 arr = entry[0] if o[0] == "q8" else entry[1]
                 entry[2] += 1
@@ -238,7 +238,7 @@ def write_weights(proto, source, path: Path, on_layer: Callable[[int, int], None
                     entry = new.external_data.add()
                     entry.key, entry.value = key, value
                 new.data_location = TensorProto.EXTERNAL
-                f.write(np.ascontiguousarray(arr).tobytes())
+                np.ascontiguousarray(arr).tofile(f)  # no bytes copy of a 0.5 GB embedding
                 written += arr.nbytes
             new_inits.append(new)
         current_arr = None
@@ -250,6 +250,25 @@ def write_weights(proto, source, path: Path, on_layer: Callable[[int, int], None
                            "should be external")
     onnx.save_model(proto, str(path))
     return {"data_bytes": written, "graph_bytes": graph_bytes}
+
+
+CHUNK_ROWS_BYTES = 256 << 20
+
+
+def quantize_rows_chunked(rows: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """block_quantize_rows of `rows` [N, K] (any strides) in slices of rows, so its fp32 working copies are at most
+    CHUNK_ROWS_BYTES (a 7B model's 152064 x 3584 embedding is 2.2 GB): the same bytes, each row is quantized alone."""
+    from exporters.onnx_int8 import block_quantize_rows
+
+    n, k = rows.shape
+    step = max(1, CHUNK_ROWS_BYTES // max(1, 4 * k))
+    if n <= step:
+        return block_quantize_rows(rows, block)
+    kb = (k + block - 1) // block
+    packed, scales = np.empty((n, kb, block), np.uint8), np.empty((n, kb), np.float32)
+    for i in range(0, n, step):
+        packed[i:i + step], scales[i:i + step] = block_quantize_rows(rows[i:i + step], block)
+    return packed, scales
 
 
 FOLD_ELEMENTS = 8192  # the dynamo exporter's optimizer folds nodes whose inputs are at most this large

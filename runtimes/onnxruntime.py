@@ -1,6 +1,7 @@
 """ONNX Runtime: CPU, and the CUDA / TensorRT execution providers where the install has them.
 
-Options: provider ("cpu" | "cuda" | "tensorrt"), threads (intra-op), iobinding (keep the KV cache in
+Options: provider ("cpu" | "cuda" | "tensorrt"), threads (intra-op), spin (False: idle intra-op threads sleep
+instead of spinning; export's validation sessions, on shared machines), iobinding (keep the KV cache in
 OrtValues on the provider's device between steps; on by default for cuda/tensorrt). A GPU provider is
 listed with the CPU provider as fallback, as ONNX Runtime recommends; `describe()` reports what the
 session actually got.
@@ -82,6 +83,8 @@ class OnnxRuntimeRunner(Runner):
         so = ort.SessionOptions()
         if self.options.get("threads"):
             so.intra_op_num_threads = int(self.options["threads"])
+        if self.options.get("spin") is False:  # idle threads sleep instead of spinning (a shared machine)
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = self.resolved.path / self.resolved.manifest.get("model_file", "model.onnx")
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         self.provider = provider
@@ -123,7 +126,7 @@ class OnnxRuntimeRunner(Runner):
         return {"runtime": self.name, "provider": self.provider, "providers_active": self.ort_session.get_providers(),
                 "precision": self.resolved.manifest.get("precision", "fp32"), "onnxruntime": ort.__version__,
                 "threads": so.intra_op_num_threads or None, "iobinding": self.iobinding,
-                **({"notes": self.notes} if self.notes else {})}
+                "spinning": self.options.get("spin") is not False, **({"notes": self.notes} if self.notes else {})}
 
     def no_mask_error(self) -> EdgekitError:
         return EdgekitError(f"{self.resolved.name} was exported before attention masks: its graph has no "

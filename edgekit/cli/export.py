@@ -37,7 +37,7 @@ def export(
         "tensor at a time (memory ~ one layer). Default: automatic, for models over 4 GiB of fp32 weights.")] = None,
     random_weights: Annotated[bool, typer.Option(
         "--random-weights", help="Seeded random weights at the model's init scale, streamed (full-size presets "
-        "for profiling; a checkpoint's own weights are ignored).")] = False,
+        "or a config-only Hugging Face directory, for profiling; a checkpoint's own weights are ignored).")] = False,
     force: Force = False,
     as_json: JsonOut = False,
     verbose: Verbose = False,

@@ -9,6 +9,7 @@ import pytest
 
 from edgekit.errors import EdgekitError
 from edgekit.resolve import resolve
+from edgekit.spec import DecoderSpec
 from runtimes import open_runner
 from runtimes.base import Session
 
@@ -54,6 +55,13 @@ def test_torch_and_onnxruntime_agree(fixture, request):
         np.testing.assert_allclose(a, b, atol=2e-4)
         if gated:
             assert all(np.array_equal(x, y) for x, y in zip(fa, fb))
+
+
+def test_onnxruntime_threads_may_sleep_instead_of_spinning(onnx_r1_tiny):
+    feeds = DecoderSpec(resolve(onnx_r1_tiny).cfg).dummy(1, 3, 0, seed=1)
+    with open_runner(onnx_r1_tiny, "onnxruntime") as spin, open_runner(onnx_r1_tiny, "onnxruntime", spin=False) as rest:
+        assert spin.describe()["spinning"] and not rest.describe()["spinning"]
+        assert np.array_equal(spin.infer(feeds)["logits"], rest.infer(feeds)["logits"])
 
 
 def test_onnxruntime_iobinding_session_matches(onnx_r1_tiny):
