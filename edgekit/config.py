@@ -11,6 +11,8 @@ from pathlib import Path
 from edgekit.errors import EdgekitError, unknown_name
 from edgekit.tokenizer import VOCAB_SIZE
 
+FULL_SIZE_BYTES = 4 << 30  # fp32 weights above this: a full-size model (streamed export, weights drawn on the GPU)
+
 CONFIG = "config.json"
 
 

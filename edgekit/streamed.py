@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekit.config import FULL_SIZE_BYTES as STREAM_ABOVE_BYTES
 from edgekit.errors import EdgekitError
 
-STREAM_ABOVE_BYTES = 4 << 30
 FULL_REFERENCE_BYTES = 1 << 30
 
 
@@ -33,9 +33,9 @@ def fp32_bytes(cfg, path=None) -> int:
         hc = hf_config(path)
         return 4 * sum(int(np.prod(s)) for n, s in shapes(hc).items()
                        if not (n == "hf.lm_head.weight" and getattr(hc, "tie_word_embeddings", False)))
-    from edgekit.models import build, param_counts
+    from edgekit.models import fp32_bytes as preset_bytes
 
-    return 4 * param_counts(build(cfg, device="meta"))["unique"]
+    return preset_bytes(cfg)
 
 
 def _hf(cfg) -> bool:

@@ -6,7 +6,7 @@ The KV-cache session keeps the cache as tensors on the device; only the last pos
 R1's executed flags) come back to the host each step, which also synchronises CUDA for timing. R1's cache is
 its model's RoutedCache: pre-allocated K/V buffers written in place plus the mean K of every completed block,
 so a decode step routes over the block summaries and reads only the selected blocks (no copy of the cache).
-A full-size preset (fp32 weights above models.FULL_SIZE_BYTES) profiled on a GPU draws its seeded random
+A full-size preset (fp32 weights above config.FULL_SIZE_BYTES) profiled on a GPU draws its seeded random
 weights on that GPU when they fit there in fp32: the CPU draws ~45 M parameters/s, minutes for r1-8.5b. Such a
 model's weights then differ from the CPU's draw of the same seed; smaller presets are drawn on the CPU as always.
 """
@@ -64,7 +64,8 @@ def _preset_on_gpu(res, device: str):
         return None
     import torch
 
-    from edgekit.models import FULL_SIZE_BYTES, build, fp32_bytes
+    from edgekit.config import FULL_SIZE_BYTES
+    from edgekit.models import build, fp32_bytes
 
     need = fp32_bytes(res.cfg)
     if need <= FULL_SIZE_BYTES or need > 0.9 * torch.cuda.mem_get_info(torch.device(device))[0]:

@@ -28,9 +28,6 @@ def fp32_bytes(cfg: ModelConfig | str) -> int:
     return 4 * param_counts(build(cfg, device="meta"))["unique"]
 
 
-FULL_SIZE_BYTES = 4 << 30  # fp32 weights above this: a full-size model (streamed export, GPU-drawn weights)
-
-
 def param_counts(model: CausalLM) -> dict[str, int]:
     """unique = every stored parameter once; total = as executed (a shared block counts per use)."""
     cfg = model.cfg
