@@ -169,10 +169,12 @@ def summarize(name, target, r, wall, peak, before, after, out: Path) -> dict:
     return {"case": name, "target": target, "params": params(target), "wall_s": round(wall, 1),
             "peak_rss_gib": round(peak, 2), "artifact_gib": round(size / 2**30, 3), "precision": r["precision"],
             "streamed": bool(st), "trace_s": st.get("trace_s"), "stamp_s": st.get("stamp_s"),
+            "export_s": st.get("wall_s"),
             "export_peak_rss_gib_in_process": st.get("peak_rss_gib"), "graph_ops_if": r["graph_ops"].get("If", 0),
             "nodes": sum(r["graph_ops"].values()),
             "validation": {k: check.get(k) for k in ("passed", "logit_cosine_min", "logit_cosine_mean",
-                                                     "argmax_agreement", "max_abs_diff", "reference") if k in check},
+                                                     "argmax_agreement", "max_abs_diff", "reference", "block_loads",
+                                                     "cases") if k in check},
             "uptime_before": before, "uptime_after": after}
 
 
