@@ -249,6 +249,7 @@ def test_lockstep_forwards_read_each_block_once_and_equal_the_whole_model():
     assert lockstep(lazy, [lambda: forward(lazy, cases[2])])[0][0].shape == (2, 1, cfg.vocab_size)
 
 
+@pytest.mark.slow
 def test_weightless_template_exports_the_same_artifact(tmp_path, monkeypatch):
     """A template above CHECK_ELEMENTS is traced with zero placeholders (a sparse file, never in memory) and
     quantized reading one weight at a time: the streamed artifact is byte-identical to the one stamped from a
