@@ -218,11 +218,13 @@ class _Turns:
 
         me = threading.get_ident()
         with self.cv:
-            self.waiting[me] = block
-            self._serve()
-            while me in self.waiting and self.error is None:
-                self.cv.wait()
+            if self.error is None:
+                self.waiting[me] = block
+                self._serve()
+                while me in self.waiting and self.error is None:
+                    self.cv.wait()
             if self.error is not None:
+                self.waiting.pop(me, None)
                 raise self.error
 
     def leave(self) -> None:
@@ -253,6 +255,7 @@ def lockstep(model, calls: list) -> list:
 
     turns = model.blocks.turns
     turns.active, turns.error = len(calls), None
+    turns.waiting.clear()
     results: list = [None] * len(calls)
     errors: list = []
 

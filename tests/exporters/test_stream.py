@@ -248,6 +248,16 @@ def test_lockstep_forwards_read_each_block_once_and_equal_the_whole_model():
         lockstep(lazy, [lambda: forward(lazy, cases[0]), fails])
     assert lockstep(lazy, [lambda: forward(lazy, cases[2])])[0][0].shape == (2, 1, cfg.vocab_size)
 
+    class Broken(StateWeights):
+        def get(self, name):
+            if name.startswith("blocks.1."):
+                raise OSError("unreadable block 1")
+            return super().get(name)
+
+    broken = layer_streamed_model(cfg, Broken(model.state_dict()))
+    with pytest.raises(OSError, match="unreadable"):  # a failing read reaches every forward, none waits forever
+        lockstep(broken, [lambda f=f: forward(broken, f) for f in cases])
+
 
 @pytest.mark.slow
 def test_weightless_template_exports_the_same_artifact(tmp_path, monkeypatch):
