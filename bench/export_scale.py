@@ -9,6 +9,8 @@ export_scale.png is redrawn from it.
     PYTHONPATH=$PWD .venv/bin/python bench/export_scale.py [--work /tmp/ek-scale] [--cases a,b] [--force]
     # adopt a run of the same CLI command measured by /usr/bin/time -v (its "Maximum resident set size"):
     ... bench/export_scale.py --adopt r1-8.5b-int8-stream=/tmp/ek-scale/r1-8.5b-int8:/tmp/ek-scale/big.err
+    # per-phase peak RSS of the int8 template step (trace / quantize / stamp) of a preset, in-process:
+    ... bench/export_scale.py --phases r1-8.5b
 """
 
 from __future__ import annotations
@@ -169,10 +171,12 @@ def summarize(name, target, r, wall, peak, before, after, out: Path) -> dict:
     return {"case": name, "target": target, "params": params(target), "wall_s": round(wall, 1),
             "peak_rss_gib": round(peak, 2), "artifact_gib": round(size / 2**30, 3), "precision": r["precision"],
             "streamed": bool(st), "trace_s": st.get("trace_s"), "stamp_s": st.get("stamp_s"),
+            "export_s": st.get("wall_s"),
             "export_peak_rss_gib_in_process": st.get("peak_rss_gib"), "graph_ops_if": r["graph_ops"].get("If", 0),
             "nodes": sum(r["graph_ops"].values()),
             "validation": {k: check.get(k) for k in ("passed", "logit_cosine_min", "logit_cosine_mean",
-                                                     "argmax_agreement", "max_abs_diff", "reference") if k in check},
+                                                     "argmax_agreement", "max_abs_diff", "reference", "block_loads",
+                                                     *(["cases"] if "block_loads" in check else [])) if k in check},
             "uptime_before": before, "uptime_after": after}
 
 
@@ -208,31 +212,103 @@ def decode_case(artifact: Path, tokens: int = 4) -> dict:
             "uptime_before": before, "uptime_after": uptime()}
 
 
+def template_phases(name: str) -> dict:
+    """Peak RSS of each phase of the streamed int8 export's template step for preset `name` (trace, int8
+    quantization of the template, stamping), psutil-sampled every 0.1 s in this process (run it alone)."""
+    import tempfile
+
+    import psutil
+
+    import exporters.onnx_int8 as int8
+    import exporters.onnx_stream as stream
+    from edgekit.config import preset
+
+    phase, peaks, seconds, t0 = ["build"], {}, {}, time.monotonic()
+
+    def sample():
+        me = psutil.Process()
+        while phase[0] != "done":
+            peaks[phase[0]] = max(peaks.get(phase[0], 0.0), me.memory_info().rss / 2**30)
+            time.sleep(0.1)
+
+    def timed(label, f):
+        def run(*a, **k):
+            start, phase[0] = time.monotonic(), label
+            try:
+                return f(*a, **k)
+            finally:
+                seconds[label] = round(time.monotonic() - start, 1)
+                phase[0] = "between"
+        return run
+
+    threading.Thread(target=sample, daemon=True).start()
+    patches = {(stream, "trace_template"): "trace", (int8, "quantize_int8"): "quantize_int8",
+               (stream, "segment"): "stamp"}
+    saved = {k: getattr(*k) for k in patches}
+    for (mod, attr), label in patches.items():
+        setattr(mod, attr, timed(label, saved[(mod, attr)]))
+    try:
+        with tempfile.TemporaryDirectory(prefix="phases-") as d:
+            before = uptime()
+            stream.stamped_graph(preset(name), Path(d), int8=True)
+    finally:
+        for k, f in saved.items():
+            setattr(*k, f)
+        time.sleep(0.2)
+        phase[0] = "done"
+    return {"model": name, "peak_rss_gib": {k: round(v, 2) for k, v in peaks.items()}, "seconds": seconds,
+            "total_s": round(time.monotonic() - t0, 1), "uptime_before": before, "uptime_after": uptime()}
+
+
 def plot(rows: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
     for streamed, marker, label in ((True, "o", "streamed (stamped)"), (False, "s", "in memory (traced)")):
-        pts = sorted((r["params"]["unique"] / 1e9, r["wall_s"], r["peak_rss_gib"]) for r in rows
+        pts = sorted((r["params"]["unique"] / 1e9, r["wall_s"], r["peak_rss_gib"],
+                      r.get("export_peak_rss_gib_in_process"), r.get("export_s")) for r in rows
                      if "params" in r and r["streamed"] == streamed and r["precision"] == "int8")
-        if pts:
-            x, w, _ = zip(*pts)
-            a.plot(x, w, marker=marker, label=label)
-        rss = [(x, m) for x, _, m in pts if m is not None]
-        if rss:
-            b.plot(*zip(*rss), marker=marker, label=label)
-    a.set(xscale="log", yscale="log", xlabel="unique parameters (B)", ylabel="export wall time (s)",
-          title="int8 export time")
+        if not pts:
+            continue
+        x, wall, peak, export_peak, export_s = zip(*pts)
+        a.plot(x, wall, marker=marker, label=f"{label}: export + validation")
+        b.plot(x, peak, marker=marker, label=f"{label}: incl. validation (ORT session)")
+        if streamed:
+            a.plot(x, export_s, marker=marker, ls="--", label=f"{label}: export step")
+            b.plot(x, export_peak, marker=marker, ls="--", label=f"{label}: export step")
+    a.set(xscale="log", yscale="log", xlabel="unique parameters (B)", ylabel="wall time (s)",
+          title="int8 export time (shared 2-core VM)")
     b.set(xscale="log", xlabel="unique parameters (B)", ylabel="peak RSS (GiB)", title="int8 export peak RSS")
     b.axhline(6, ls=":", c="gray")
+    depth = sorted((r["target"], r["trace_s"]) for r in rows if r["case"] in ("r1-mini-8-stream",
+                                                                             "r1-mini-80-stream"))
+    if depth:
+        c.bar([f"{t}\n({'8' if t.endswith('-8') else '80'} layers)" for t, _ in depth], [s for _, s in depth])
+    c.set(ylabel="trace s (3-layer template)", title="trace time vs depth")
     for ax in (a, b):
-        ax.legend()
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(RESULTS.with_suffix(".png"), dpi=110)
+
+
+def save(mine: dict) -> dict:
+    """Merge this run's rows into the results file as it is now (another run may have added rows meanwhile)."""
+    import psutil
+
+    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
+    data["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
+                       "mem_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+    rows = {r["case"]: r for r in data["rows"]} | mine
+    data["rows"] = list(rows.values())
+    pair = [rows.get("r1-mini-8-stream"), rows.get("r1-mini-80-stream")]
+    if all(pair):
+        data["trace_80_over_8"] = round(pair[1]["trace_s"] / pair[0]["trace_s"], 3)
+    RESULTS.write_text(json.dumps(data, indent=1))
+    return data
 
 
 def main() -> None:
@@ -244,34 +320,34 @@ def main() -> None:
     ap.add_argument("--decode", type=Path, help="an int8 r1-8.5b artifact to decode a few tokens with")
     ap.add_argument("--keep", action="store_true", help="keep the exported artifacts (default: deleted)")
     ap.add_argument("--quick", action="store_true", help="smoke test: the 8- vs 80-layer trace pair only")
+    ap.add_argument("--phases", metavar="PRESET", help="only: per-phase peak RSS of PRESET's int8 template step")
     args = ap.parse_args()
+    if args.phases:
+        data = json.loads(RESULTS.read_text())
+        data.setdefault("template_phases", {})["after"] = template_phases(args.phases)
+        print(json.dumps(data["template_phases"]["after"]), flush=True)
+        RESULTS.write_text(json.dumps(data, indent=1))
+        return
     if args.quick:
         args.cases, args.force = "r1-mini-8-stream,r1-mini-80-stream", True
-    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
-    data["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
-                       "mem_gib": round(__import__("psutil").virtual_memory().total / 2**30, 1)}
-    rows = {r["case"]: r for r in data["rows"]}
+    done = {r["case"] for r in json.loads(RESULTS.read_text())["rows"]} if RESULTS.is_file() else set()
+    mine: dict[str, dict] = {}
     for spec in args.adopt:
         row = adopt(spec)
-        rows[row["case"]] = row
+        mine[row["case"]] = row
     for name in [c for c in args.cases.split(",") if c]:
-        if name in rows and not args.force:
+        if name in done and not args.force:
             continue
         print(f"{name} ...", flush=True)
-        rows[name] = export_case(name, args.work)
-        print(json.dumps(rows[name]), flush=True)
+        mine[name] = export_case(name, args.work)
+        print(json.dumps(mine[name]), flush=True)
         if not args.keep:
             shutil.rmtree(args.work / name, ignore_errors=True)
-        data["rows"] = list(rows.values())
-        RESULTS.write_text(json.dumps(data, indent=1))
+        save(mine)
     if args.decode:
-        rows["r1-8.5b-int8-decode"] = decode_case(args.decode)
-    data["rows"] = list(rows.values())
-    pair = [rows.get("r1-mini-8-stream"), rows.get("r1-mini-80-stream")]
-    if all(pair):
-        data["trace_80_over_8"] = round(pair[1]["trace_s"] / pair[0]["trace_s"], 3)
-    RESULTS.write_text(json.dumps(data, indent=1))
-    plot(data["rows"])
+        mine["r1-8.5b-int8-decode"] = decode_case(args.decode)
+        print(json.dumps(mine["r1-8.5b-int8-decode"]), flush=True)
+    plot(save(mine)["rows"])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Validation: a model whose fp32 weights fit in FULL_REFERENCE_BYTES is checked ex
 (validate.validate against the whole PyTorch model: fp32 within tolerance, int8 by logit cosine); a larger one
 against a PyTorch forward that materialises one block at a time from the same source (weights.
 layer_streamed_model) on a prefill and a decode step: logit cosine gate, argmax agreement and, for gated models,
-the skip pattern with all gates open and all closed.
+the skip pattern with all gates open and all closed. The graph runs first and its session is closed; the
+cases' PyTorch forwards then run in lockstep (weights.lockstep), so each block is read from the source once.
 """
 
 from __future__ import annotations
@@ -147,75 +148,108 @@ def validate(res, source, tmp: Path, int8: bool, min_cosine: float, tolerance: f
     from edgekit import validate as checks
     from edgekit.resolve import Resolved
     from edgekit.spec import DecoderSpec
-    from edgekit.weights import layer_streamed_model, model_from
+    from edgekit.weights import model_from
     from runtimes.onnxruntime import OnnxRuntimeRunner
     from runtimes.torch import TorchRunner
 
     cfg = res.cfg
     spec = DecoderSpec(cfg)
     hf = res.kind == "hf"
-    if hf:  # one decoder layer at a time; for a small model the whole model, judged as the in-memory path does
+    whole = fp32_bytes(cfg, res.path) <= FULL_REFERENCE_BYTES
+
+    def layered(lazy: bool):  # a Hugging Face model materialising one decoder layer at a time (lazy=False: all)
         from edgekit.weights import hf_layer_streamed_model
         from exporters.onnx_hf_stamp import hf_config
 
-        whole = fp32_bytes(cfg, res.path) <= FULL_REFERENCE_BYTES
-        layered = hf_layer_streamed_model(hf_config(res.path), cfg, source, lazy=not whole)
+        return hf_layer_streamed_model(hf_config(res.path), cfg, source, lazy=lazy)
+
     with OnnxRuntimeRunner(Resolved("onnx", res.name, cfg, tmp)) as runner:
-        if fp32_bytes(cfg, res.path) <= FULL_REFERENCE_BYTES:
-            model = layered if hf else model_from(cfg, source)
+        if whole:  # a small model: the whole model, judged as the in-memory path does
+            model = layered(False) if hf else model_from(cfg, source)
             with TorchRunner(Resolved("hf" if hf else "preset", res.name, cfg, model=model)) as reference:
                 report = checks.validate(reference, runner, spec, tolerance=None if int8 else tolerance,
                                          min_cosine=min_cosine if int8 else None)
             return {"int8" if int8 else "fp32": report}
-        report = layered_check(layered if hf else layer_streamed_model(cfg, source), runner, spec, min_cosine)
-    return {"streamed": report}
+        cases = graph_cases(runner, spec)
+    # the session (the whole artifact, GBs) is closed before the reference reads the weights
+    return {"streamed": layered_check(layered(True) if hf else layer_streamed_model(cfg, source), cases, spec,
+                                      min_cosine)}
 
 
-def layered_check(model, runner, spec, min_cosine: float) -> dict:
-    """The graph vs the one-block-at-a-time PyTorch model on a prefill (1 x 8, no cache) and a decode step
-    (1 x 1 after 8 cached positions, the cache from the prefill), gated models also a prefill with every gate
-    closed (each case reads every block from the source once more); raises below min_cosine."""
-    import torch
+def graph_cases(runner, spec) -> list[dict]:
+    """The graph's outputs on a prefill (1 x 8, no cache) and a decode step (1 x 1 after the prefill's 8
+    cached positions), gated models both with every gate open and a prefill with every gate closed."""
+    from edgekit.spec import MASK
 
     cfg = spec.cfg
-    rows = []
     feeds = spec.dummy(1, 8, 0, seed=7)
     settings = {"default": None}
     if spec.gated:
         settings = {"run-all": np.zeros(cfg.n_layers, np.float32), "skip-all-gated": np.full(cfg.n_layers, 2.0,
                                                                                             np.float32)}
+    cases = []
     for label, thr in settings.items():
         step_feeds = dict(feeds)
         if thr is not None:
             step_feeds["thresholds"] = thr
-        past = None
-        for step in ("prefill", "decode") if label != "skip-all-gated" else ("prefill",):  # each a full pass
+        for step in ("prefill", "decode") if label != "skip-all-gated" else ("prefill",):
             if step == "decode":  # one new token on the prefill's cache: the mask covers both
-                total = past["past.0.key"].shape[2] + 1
-                step_feeds = {**step_feeds, "input_ids": np.array([[3]], np.int64),
-                              "attention_mask": np.ones((1, total), np.int64), **past}
+                past = {f"past.{i}.{kv}": cases[-1]["got"][f"present.{i}.{kv}"] for i in range(cfg.n_layers)
+                        for kv in ("key", "value")}
+                step_feeds = {**step_feeds, "input_ids": np.array([[3]], np.int64), **past}
+                if MASK in step_feeds:  # past + seq
+                    step_feeds[MASK] = np.ones((1, feeds["input_ids"].shape[1] + 1), step_feeds[MASK].dtype)
             got = runner.infer(step_feeds)
-            with torch.no_grad():
-                ids = torch.from_numpy(step_feeds["input_ids"])
-                torch_past = [(torch.from_numpy(step_feeds[f"past.{i}.key"]),
-                               torch.from_numpy(step_feeds[f"past.{i}.value"])) for i in range(cfg.n_layers)]
-                logits, presents, executed = model(ids, torch_past, None if thr is None else torch.from_numpy(thr))
-            want = logits.numpy().reshape(-1, logits.shape[-1]).astype(np.float64)
-            have = got["logits"].reshape(-1, logits.shape[-1]).astype(np.float64)
-            cos = (want * have).sum(-1) / (np.linalg.norm(want, axis=-1) * np.linalg.norm(have, axis=-1))
-            row = {"setting": label, "step": step, "logit_cosine_min": float(cos.min()),
-                   "argmax_agreement": float((want.argmax(-1) == have.argmax(-1)).mean()),
-                   "max_abs_diff": float(np.abs(want - have).max())}
-            if spec.gated:
-                row["executed_equal"] = bool(np.array_equal(got["executed"].astype(bool), executed.numpy()))
-                if label in ("run-all", "skip-all-gated") and not row["executed_equal"]:
-                    raise EdgekitError(f"validation: skip pattern differs from PyTorch at {label}",
-                                       "the stamped conditionals are wrong; export without --stream and report it")
-            rows.append(row)
-            past = {f"past.{i}.{kv}": got[f"present.{i}.{kv}"] for i in range(cfg.n_layers) for kv in ("key", "value")}
+            cases.append({"setting": label, "step": step, "thresholds": thr, "feeds": step_feeds,
+                          "got": {k: v for k, v in got.items() if k in ("logits", "executed")}
+                          | ({f"present.{i}.{kv}": got[f"present.{i}.{kv}"] for i in range(cfg.n_layers)
+                              for kv in ("key", "value")} if step == "prefill" else {})})
+    return cases
+
+
+def layered_check(model, cases: list[dict], spec, min_cosine: float) -> dict:
+    """`graph_cases` against a PyTorch `model` that materialises one block (edgekit: weights.layer_streamed_model,
+    every case's forward in lockstep, so each block is read once for all cases) or one decoder layer (Hugging Face:
+    weights.hf_layer_streamed_model, case after case) at a time; raises below min_cosine or, gated, when the skip
+    pattern differs."""
+    import torch
+
+    from edgekit.weights import lockstep
+
+    cfg = spec.cfg
+
+    def forward(case: dict):
+        f = case["feeds"]
+        with torch.no_grad():
+            past = [(torch.from_numpy(f[f"past.{i}.key"]), torch.from_numpy(f[f"past.{i}.value"]))
+                    for i in range(cfg.n_layers)]
+            thr = case["thresholds"]
+            return model(torch.from_numpy(f["input_ids"]), past, None if thr is None else torch.from_numpy(thr))
+
+    calls = [lambda c=c: forward(c) for c in cases]
+    blocks = getattr(model, "blocks", None)
+    outputs = lockstep(model, calls) if hasattr(blocks, "turns") else [call() for call in calls]
+    rows = []
+    for case, (logits, _, executed) in zip(cases, outputs):
+        got, label = case["got"], case["setting"]
+        want = logits.numpy().reshape(-1, logits.shape[-1]).astype(np.float64)
+        have = got["logits"].reshape(-1, logits.shape[-1]).astype(np.float64)
+        cos = (want * have).sum(-1) / (np.linalg.norm(want, axis=-1) * np.linalg.norm(have, axis=-1))
+        row = {"setting": label, "step": case["step"], "logit_cosine_min": float(cos.min()),
+               "argmax_agreement": float((want.argmax(-1) == have.argmax(-1)).mean()),
+               "max_abs_diff": float(np.abs(want - have).max())}
+        if spec.gated:
+            row["executed_equal"] = bool(np.array_equal(got["executed"].astype(bool), executed.numpy()))
+            if not row["executed_equal"]:
+                raise EdgekitError(f"validation: skip pattern differs from PyTorch at {label}",
+                                   "the stamped conditionals are wrong; export without --stream and report it")
+        rows.append(row)
     worst = min(r["logit_cosine_min"] for r in rows)
-    report = {"reference": "PyTorch, one block at a time from the same weights", "cases": rows,
-              "logit_cosine_min": worst, "min_cosine": min_cosine, "passed": worst >= min_cosine}
+    shared = hasattr(blocks, "turns")
+    report = {"reference": "PyTorch, one block at a time from the same weights" + (", read once for all cases"
+                                                                                  if shared else ""),
+              "cases": rows, **({"block_loads": blocks.loads} if shared else {}), "logit_cosine_min": worst,
+              "min_cosine": min_cosine, "passed": worst >= min_cosine}
     if not report["passed"]:
         raise EdgekitError(f"validation: logit cosine {worst:.4f} < {min_cosine} against PyTorch",
                            "the streamed graph is wrong; export without --stream and report it")

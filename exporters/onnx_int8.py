@@ -104,7 +104,15 @@ def quantize_int8(src: Path, dst: Path, block: int | str = "auto", accuracy_leve
     from onnx import helper, numpy_helper
 
     routers = router_weights(src)
-    model = onnx.load(str(src))
+    model = onnx.load(str(src), load_external_data=False)  # each weight read when quantized, then dropped
+    base = str(Path(src).parent)
+
+    def weight(t) -> np.ndarray:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t).astype(np.float32)
+        bare = onnx.TensorProto()
+        bare.CopyFrom(t)  # to_array would load the data into the graph's own tensor and keep it there
+        return numpy_helper.to_array(bare, base).astype(np.float32)
     if block == "auto":
         block = choose_block(model, routers, min_bytes)
     block = int(block)
@@ -147,7 +155,7 @@ def quantize_int8(src: Path, dst: Path, block: int | str = "auto", accuracy_leve
                     if len(t.dims) == 2 and t.data_type in _FLOAT and nbytes > min_bytes:
                         key = w_name if direct else w_name + "#T"
                         if key not in cache:
-                            arr = numpy_helper.to_array(t).astype(np.float32)
+                            arr = weight(t)
                             quantized(key, arr if direct else arr.T, home, block)
                         qn, sn, n, k, bs = cache[key]
                         out = [helper.make_node("MatMulNBits", [node.input[0], qn, sn], [node.output[0]],
@@ -163,7 +171,7 @@ def quantize_int8(src: Path, dst: Path, block: int | str = "auto", accuracy_leve
                 if (len(t.dims) == 2 and axis == 0 and t.dims[1] % bs == 0 and t.data_type in _FLOAT
                         and int(np.prod(t.dims)) * _BYTES[t.data_type] > min_bytes and t.name not in routers
                         and (t.name not in cache or cache[t.name][4] == bs)):
-                    qn, sn, n, k, bs = quantized(t.name, numpy_helper.to_array(t).astype(np.float32), home, bs)
+                    qn, sn, n, k, bs = quantized(t.name, weight(t), home, bs)
                     flat = f"{qn}_rows"  # the [N, K/bs, bs] blob seen as [N, K]: shared with a tied head
                     if flat not in producers:  # in this graph (a branch gets its own: the outer graph's
                         # node list may be the one being walked right now)
@@ -190,6 +198,9 @@ def quantize_int8(src: Path, dst: Path, block: int | str = "auto", accuracy_leve
     counts["tied_head"] = any(n.op_type == "MatMulNBits" and n.input[1] in gathered
                               for _, g in iter_graphs(model.graph) for n in g.node)
     _prune(model)
+    from onnx.external_data_helper import load_external_data_for_model
+
+    load_external_data_for_model(model, base)  # what stays float (norms, routers, 3-D stacks): small or kept
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     dst = Path(dst)

@@ -40,6 +40,7 @@ LAYER_IO = re.compile(r"^(past|present)\.(\d+)\.")
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 VARIADIC = ("Concat", "Sum", "Max", "Min", "Mean", "SequenceConstruct")
 PREFIX = -1
+PLACEHOLDERS = "template.placeholders"  # trace_template(weights=False)
 
 
 def _bug(what: str) -> EdgekitError:
@@ -48,11 +49,15 @@ def _bug(what: str) -> EdgekitError:
 
 
 @contextlib.contextmanager
-def parameters_unfolded(names: set[str]):
-    """During torch.onnx's optimize(): parameters are not constants (not folded, not merged by value)."""
+def parameters_unfolded(names: set[str], placeholders: str | None = None):
+    """During torch.onnx's optimize(): parameters are not constants (not folded, not merged by value).
+    placeholders: a file name; the parameters then come out of optimize() as references into it, in order
+    (ir.ExternalTensor), so serializing the graph never reads or copies the weights; yields the list of
+    (name, offset, length) referenced, for `write_placeholders`."""
     from torch.onnx._internal.exporter import _onnx_program
 
     original = _onnx_program.ONNXProgram.optimize
+    layout: list[tuple[str, int, int]] = []
 
     def optimize(self):
         inits = self.model.graph.initializers
@@ -65,31 +70,54 @@ def parameters_unfolded(names: set[str]):
             inits = self.model.graph.initializers
             for n, value in hidden.items():
                 if n in inits:
-                    inits[n].const_value = value
+                    inits[n].const_value = (value if placeholders is None
+                                            else _placeholder(n, value, placeholders, layout))
 
     _onnx_program.ONNXProgram.optimize = optimize
     try:
-        yield
+        yield layout
     finally:
         _onnx_program.ONNXProgram.optimize = original
 
 
-def trace_template(model, path: Path | None = None):
+def _placeholder(name: str, value, location: str, layout: list):
+    import onnx_ir as ir
+
+    if isinstance(value, ir.ExternalTensor):  # optimize() runs twice (inside torch.onnx.export, then ours)
+        return value
+    offset = layout[-1][1] + layout[-1][2] if layout else 0
+    layout.append((name, offset, value.nbytes))
+    return ir.ExternalTensor(location, offset, value.nbytes, value.dtype, shape=value.shape, name=name)
+
+
+def write_placeholders(path: Path, layout: list[tuple[str, int, int]]) -> None:
+    """The placeholders' file: zeros of the right length, sparse (no disk, no memory until read)."""
+    with open(path, "wb") as f:
+        f.truncate(layout[-1][1] + layout[-1][2] if layout else 0)
+
+
+def trace_template(model, path: Path | None = None, weights: bool = True):
     """The template's ModelProto (weights inline), exported through exporters.onnx.export_graph with
-    parameters unfolded, name scopes kept, branches not hoisted; also saved to `path` when given."""
+    parameters unfolded, name scopes kept, branches not hoisted; also saved to `path` when given.
+    weights=False (needs `path`): the parameters are zeros in a sparse file beside it (PLACEHOLDERS), never
+    copied: a full-width template's weights (GBs) are not what stamping takes from it."""
     from unittest import mock
 
     import exporters.onnx as onnx_exporter
 
+    if not weights and path is None:
+        raise ValueError("trace_template(weights=False) needs a path")
     captured = {}
     names = {f"model.{n}" for n, _ in model.named_parameters()}
-    with parameters_unfolded(names), \
+    with parameters_unfolded(names, None if weights else PLACEHOLDERS) as layout, \
             mock.patch.object(onnx_exporter, "strip_debug_info", lambda m: None), \
             mock.patch.object(onnx_exporter, "hoist_branch_invariants", lambda m: {}), \
             mock.patch.object(onnx_exporter, "save_external", lambda m, p: captured.setdefault("m", m)):
         onnx_exporter.export_graph(model, Path(path or "template.onnx"))
     proto = captured["m"]
     if path is not None:
+        if not weights:
+            write_placeholders(Path(path).parent / PLACEHOLDERS, layout)
         onnx_exporter.save_external(proto, Path(path))
     return proto
 

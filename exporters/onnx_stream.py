@@ -90,9 +90,10 @@ def stamped_graph(cfg, workdir: Path, int8: bool, template_model=None, plan: Lay
             tmodel = build(plan.template_cfg, seed=0)
     params = {n for n, _ in tmodel.named_parameters()}
     shapes = {n: tuple(p.shape) for n, p in tmodel.named_parameters()}
+    small = sum(int(np.prod(s)) for s in shapes.values()) <= CHECK_ELEMENTS
     tdir = Path(workdir) / "template"
     tdir.mkdir(parents=True, exist_ok=True)
-    trace_template(tmodel, tdir / MODEL_FILE)
+    trace_template(tmodel, tdir / MODEL_FILE, weights=small)  # large: zero placeholders, never in memory
     del tmodel
     trace_s = time.monotonic() - t0
     path = tdir / MODEL_FILE
@@ -103,7 +104,7 @@ def stamped_graph(cfg, workdir: Path, int8: bool, template_model=None, plan: Lay
         qdir = Path(workdir) / "template_int8"
         qdir.mkdir(exist_ok=True)
         info["quantization"] = quantize_int8(path, qdir / MODEL_FILE)
-        if len(params) and sum(int(np.prod(s)) for s in shapes.values()) <= CHECK_ELEMENTS:
+        if len(params) and small:
             _check_requantize(path, qdir / MODEL_FILE)
         path = qdir / MODEL_FILE
     proto = onnx.load(str(path), load_external_data=False)

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from edgekit.errors import EdgekitError
 from edgekit.models import build, preset
 from edgekit.spec import DecoderSpec
-from edgekit.weights import RandomWeights, SafetensorsWeights, StateWeights, layer_streamed_model
+from edgekit.weights import RandomWeights, SafetensorsWeights, StateWeights, layer_streamed_model, lockstep
 from exporters.onnx_graph import iter_nodes
 from exporters.onnx_stream import layer_plan, weight_origin
 
@@ -107,6 +107,29 @@ def test_streamed_int8_weights_are_byte_identical_to_the_in_memory_quantizer(exp
     _outputs_equal(cfg, int8 / "model.onnx", traced_int8, exact=False)
 
 
+@pytest.mark.slow
+def test_layered_validation_reads_each_block_once_and_catches_wrong_weights(exported, monkeypatch):
+    """The big-model validation (graph first, then one lockstep PyTorch sweep) on the tiny streamed artifacts."""
+    from edgekit import streamed
+    from edgekit.resolve import Resolved
+
+    cfg, _, _, fp32_dir, int8_dir = exported
+    monkeypatch.setattr(streamed, "FULL_REFERENCE_BYTES", 0)
+    res = Resolved("preset", cfg.name, cfg)
+    source = StateWeights(_model(cfg.name).state_dict())
+    report = streamed.validate(res, source, fp32_dir, False, 0.999, 1e-3)["streamed"]
+    gated = bool(cfg.gated_layers)
+    assert [(c["setting"], c["step"]) for c in report["cases"]] == (
+        [("run-all", "prefill"), ("run-all", "decode"), ("skip-all-gated", "prefill")] if gated
+        else [("default", "prefill"), ("default", "decode")])
+    assert report["passed"] and report["block_loads"] == cfg.n_layers  # one sweep for all cases
+    assert all(c["argmax_agreement"] == 1.0 and c["max_abs_diff"] < 1e-4 for c in report["cases"])
+    assert all(c["executed_equal"] for c in report["cases"]) if gated else True
+    assert streamed.validate(res, source, int8_dir, True, 0.99, 1e-3)["streamed"]["passed"]
+    with pytest.raises(EdgekitError, match="^validation: "):
+        streamed.validate(res, StateWeights(build(cfg, seed=9).state_dict()), fp32_dir, False, 0.999, 1e-3)
+
+
 def test_full_size_r1_plan_shares_blocks_and_keeps_every_gate():
     cfg = preset("r1-8.5b")
     plan = layer_plan(cfg)
@@ -143,6 +166,7 @@ def test_random_weights_are_seeded_per_tensor_at_the_init_scale():
     assert not np.array_equal(q, a.get("blocks.6.attn.q.weight"))  # per tensor
     assert not np.array_equal(q, b.get("blocks.7.attn.q.weight"))  # per seed
     assert abs(float(q.std()) - 0.02) < 1e-3 and abs(float(q.mean())) < 1e-3
+    assert float(np.abs(q).max()) <= np.float32(0.02 * 3 ** 0.5)  # uniform of that std: bounded
     np.testing.assert_array_equal(a.get("blocks.7.mlp_norm.weight"), np.ones(768, np.float32))
     np.testing.assert_array_equal(a.get("gates.3.b"), np.float32(2.0))
 
@@ -180,6 +204,84 @@ def test_layer_streamed_reference_equals_the_whole_model(name):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     loaded = [b.attn.q.weight.device.type for b in torch.nn.ModuleList.__iter__(lazy.blocks)]
     assert loaded.count("cpu") == 1  # one block materialised at a time
+
+
+def test_lockstep_forwards_read_each_block_once_and_equal_the_whole_model():
+    """Three forwards (gates open, closed, a decode step on a cache) share each block's materialisation."""
+    model = _model("r1-tiny")
+    cfg = model.cfg
+    spec = DecoderSpec(cfg)
+    reads = []
+
+    class Counting(StateWeights):
+        def get(self, name):
+            reads.append(name)
+            return super().get(name)
+
+    lazy = layer_streamed_model(cfg, Counting(model.state_dict()))
+    cases = [spec.dummy(1, 8, 0, seed=4, thresholds=np.zeros(4, np.float32)),
+             spec.dummy(1, 8, 0, seed=4, thresholds=np.full(4, 2.0, np.float32)),
+             spec.dummy(2, 1, 9, seed=5, thresholds=np.zeros(4, np.float32))]
+
+    def forward(m, f):
+        past = [(torch.from_numpy(f[f"past.{i}.key"]), torch.from_numpy(f[f"past.{i}.value"])) for i in range(4)]
+        with torch.no_grad():
+            return m(torch.from_numpy(f["input_ids"]), past, torch.from_numpy(f["thresholds"]))
+
+    reads.clear()
+    got = lockstep(lazy, [lambda f=f: forward(lazy, f) for f in cases])
+    block_reads = [n for n in reads if n.startswith("blocks.")]
+    per_block = len([n for n in model.state_dict() if n.startswith("blocks.0.")])
+    assert lazy.blocks.loads == cfg.n_layers and len(block_reads) == cfg.n_layers * per_block  # 1 pass, not 3
+    for f, (logits, presents, executed) in zip(cases, got):
+        want = forward(model, f)
+        torch.testing.assert_close(logits, want[0], rtol=0, atol=0)
+        torch.testing.assert_close(executed, want[2], rtol=0, atol=0)
+        for (k, v), (wk, wv) in zip(presents, want[1]):
+            torch.testing.assert_close(k, wk, rtol=0, atol=0)
+            torch.testing.assert_close(v, wv, rtol=0, atol=0)
+    assert [bool(x) for x in got[1][2]] == [not g for g in (i in cfg.gated_layers for i in range(4))]
+
+    def fails():
+        raise ValueError("boom")
+    with pytest.raises(ValueError, match="boom"):  # a failing forward does not leave the others waiting
+        lockstep(lazy, [lambda: forward(lazy, cases[0]), fails])
+    assert lockstep(lazy, [lambda: forward(lazy, cases[2])])[0][0].shape == (2, 1, cfg.vocab_size)
+
+    class Broken(StateWeights):
+        def get(self, name):
+            if name.startswith("blocks.1."):
+                raise OSError("unreadable block 1")
+            return super().get(name)
+
+    broken = layer_streamed_model(cfg, Broken(model.state_dict()))
+    with pytest.raises(OSError, match="unreadable"):  # a failing read reaches every forward, none waits forever
+        lockstep(broken, [lambda f=f: forward(broken, f) for f in cases])
+
+
+@pytest.mark.slow
+def test_weightless_template_exports_the_same_artifact(tmp_path, monkeypatch):
+    """A template above CHECK_ELEMENTS is traced with zero placeholders (a sparse file, never in memory) and
+    quantized reading one weight at a time: the streamed artifact is byte-identical to the one stamped from a
+    template that holds its weights."""
+    from exporters import onnx_stream
+    from exporters.onnx_stamp import PLACEHOLDERS, trace_template
+
+    model = _model("r1-tiny")
+    source = StateWeights(model.state_dict())
+    for name, limit in (("with", onnx_stream.CHECK_ELEMENTS), ("without", 0)):
+        monkeypatch.setattr(onnx_stream, "CHECK_ELEMENTS", limit)
+        (tmp_path / name).mkdir()
+        onnx_stream.export_streamed(model.cfg, source, tmp_path / name, int8=True)
+    for f in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "with" / f).read_bytes() == (tmp_path / "without" / f).read_bytes(), f
+    (tmp_path / "t").mkdir()
+    proto = trace_template(model, tmp_path / "t" / "model.onnx", weights=False)
+    params = {f"model.{n}": p for n, p in model.named_parameters()}
+    refs = {t.name: {e.key: e.value for e in t.external_data} for t in proto.graph.initializer if t.name in params}
+    assert set(refs) == set(params) and {r["location"] for r in refs.values()} == {PLACEHOLDERS}
+    assert (tmp_path / "t" / PLACEHOLDERS).stat().st_size == sum(4 * p.numel() for p in params.values())
+    assert not any(t.raw_data for t in proto.graph.initializer if t.name in params)
 
 
 def test_segmenting_a_graph_without_layers_is_a_one_line_error():
