@@ -148,7 +148,7 @@ def validate(res, source, tmp: Path, int8: bool, min_cosine: float, tolerance: f
     from edgekit import validate as checks
     from edgekit.resolve import Resolved
     from edgekit.spec import DecoderSpec
-    from edgekit.weights import model_from
+    from edgekit.weights import layer_streamed_model, model_from
     from runtimes.onnxruntime import OnnxRuntimeRunner
     from runtimes.torch import TorchRunner
 
