@@ -169,8 +169,10 @@ def test_random_weights_export_of_a_config_only_directory(tmp_path, cli):
     res = resolve(tmp_path / "rand")
     model = hf_layer_streamed_model(hf_config(d), res.cfg, source)
     assert all(p.is_meta for p in model.hf.model.layers.parameters())
+    spec = DecoderSpec(res.cfg)
     with OnnxRuntimeRunner(res) as runner:
-        report = streamed.layered_check(model, runner, DecoderSpec(res.cfg), 0.99)
+        cases = streamed.graph_cases(runner, spec)
+    report = streamed.layered_check(model, cases, spec, 0.99)
     assert report["passed"] and [c["step"] for c in report["cases"]] == ["prefill", "decode"]
     assert all(c["argmax_agreement"] > 0.5 for c in report["cases"])
     assert all(p.is_meta for p in model.hf.model.layers.parameters())  # each layer released after its forward
