@@ -64,6 +64,12 @@ REGISTRY: tuple[Bench, ...] = (
           note="optimum lives in its own venv: see bench/requirements-optimum.txt"),
     Bench("calibrate_skip", "calibrate_skip.py", work_subdir="calibrate_skip",
           quick_args=("--steps", "20", "--no-export")),
+    Bench("build_time", "build_time.py", needs=(".venv-genai/bin/python",),
+          note="ORT-GenAI's builder lives in its own venv: see bench/requirements-genai.txt"),
+    Bench("export_scale", "export_scale.py", opt_in="--only export_scale",
+          note="full-size exports up to r1-8.5b: ~30 min, up to 15 GiB RSS"),
+    Bench("export_scale_hf", "export_scale_hf.py", opt_in="--only export_scale_hf",
+          note="the 7B Hugging Face shape: ~15 min, 14 GiB RSS"),
     Bench("gpu_check", "gpu_check.py", needs=("/dev/nvidiactl",), note="an NVIDIA GPU and onnxruntime-gpu",
           quick_args=("--parts", "machine,ceilings")),
 )
@@ -113,7 +119,7 @@ def plan(benches: list[Bench], *, only: list[str], skip: list[str], quick: bool,
         if b.name in skip:
             p.skip = "--skip"
             continue
-        if b.opt_in == "--with-training" and not with_training and b.name not in only:
+        if b.opt_in and b.name not in only and not (b.opt_in == "--with-training" and with_training):
             p.skip = f"only with {b.opt_in}" + (f" ({b.note})" if b.note else "")
             continue
         if not path.is_file():
