@@ -199,14 +199,15 @@ def test_fidelity_data_is_the_text_the_int8_check_decodes(tmp_path, cli):
         assert not (tmp_path / "q2").exists()
 
 
-def _two_gated_layers():
+def _two_gated_layers(size_of: tuple[str, str] = ("x", "x")):
     """x -> If(c0){ x * (len(x) + 1) } -> If(c1){ . * (len(x) + 1) }: the size work is data-independent and
-    the same in both branches (as R1's positional routing is); the multiplications depend on x."""
+    the same in both branches (as R1's positional routing is); the multiplications depend on x. size_of: the
+    value each branch reads its size from (R1's branches read it off their own input)."""
     from onnx import TensorProto, helper
 
     def branch(name: str, src: str):
         one = helper.make_tensor(f"{name}_one", TensorProto.FLOAT, [], [1.0])
-        nodes = [helper.make_node("Shape", ["x"], [f"{name}_shape"]),
+        nodes = [helper.make_node("Shape", [size_of[int(name[-1])]], [f"{name}_shape"]),
                  helper.make_node("Cast", [f"{name}_shape"], [f"{name}_n"], to=TensorProto.FLOAT),
                  helper.make_node("Constant", [], [f"{name}_c"], value=one),
                  helper.make_node("Add", [f"{name}_n", f"{name}_c"], [f"{name}_scale"]),
@@ -246,6 +247,45 @@ def test_hoisting_moves_data_independent_branch_work_out_once_and_keeps_outputs(
         got = ort.InferenceSession(after.SerializeToString()).run(None, feeds)[0]
         np.testing.assert_array_equal(got, want)
         assert np.array_equal(want, x * 4.0 ** (c0 + c1))
+
+
+def test_hoisting_merges_sizes_read_off_each_gated_layers_input():
+    """The second If reads len(h0), h0 the first If's output: torch.cond's skip branch returns x unchanged, so h0
+    has x's shape and the size work merges into one copy (without that rule, only the Constant would merge)."""
+    import onnxruntime as ort
+
+    from exporters.onnx import hoist_branch_invariants
+
+    before, after = _two_gated_layers(("x", "h0")), _two_gated_layers(("x", "h0"))
+    assert hoist_branch_invariants(after) == {"hoisted": 8, "merged": 4}
+    onnx.checker.check_model(after)
+    assert [n.op_type for n in after.graph.node] == ["Shape", "Cast", "Constant", "Add", "If", "If"]
+    assert list(after.graph.node[0].input) == ["x"]
+    x = np.arange(1, 4, dtype=np.float32)
+    for c0, c1 in ((True, True), (True, False), (False, True), (False, False)):
+        feeds = {"x": x, "c0": np.array(c0), "c1": np.array(c1)}
+        want = ort.InferenceSession(before.SerializeToString()).run(None, feeds)[0]
+        np.testing.assert_array_equal(ort.InferenceSession(after.SerializeToString()).run(None, feeds)[0], want)
+
+
+def test_exported_r1_graph_has_positions_once_and_no_element_gathers(onnx_r1_tiny):
+    """What hoisting leaves in each branch reads an activation (the layer's hidden state or keys): no branch node
+    computes positions only. The routed kernel's lookups are Gathers of whole rows / table entries: no GatherND or
+    GatherElements (ONNX Runtime runs those per element, ~10x slower at decode; bench/README.md)."""
+    model = onnx.load(str(onnx_r1_tiny / "model.onnx"), load_external_data=False)
+    act = {i.name for i in model.graph.input if i.name not in ("attention_mask", "thresholds")}
+    for node in model.graph.node:
+        if node.op_type == "If":
+            act.update(node.output)
+            for branch in (a.g for a in node.attribute):
+                local = set()
+                for x in branch.node:
+                    assert x.op_type in ("Shape", "Size") or any(i in act or i in local for i in x.input if i), x
+                    local.update(x.output)
+        elif node.op_type not in ("Shape", "Size") and any(i in act for i in node.input):
+            act.update(node.output)
+    ops = graph_ops(onnx_r1_tiny / "model.onnx")
+    assert "GatherND" not in ops and "GatherElements" not in ops and ops["TopK"] == 4
 
 
 def test_exported_r1_branches_hold_only_data_dependent_work(onnx_r1_tiny):
