@@ -4,6 +4,7 @@
 - ONNX Runtime prefill latency (128 tokens) and per-token decode latency at batch 1, fp32 vs int8
 - R1 decode latency vs fraction of gated layers skipped (0, 25, 50, 75, 100 %)
 - the cost of the If nodes: the same R1 weights exported without gates
+- where a decode step's time goes: ONNX Runtime's profiler, shares by op type (onnx_decode_profile.py)
 
 Variants are timed round-robin in one run (medians over rounds) because this machine is shared.
 Writes bench/results/onnx_export.json and onnx_export.png.
@@ -154,11 +155,13 @@ def main() -> None:
             runs[label] = (path, spec, None)
     sessions = {str(p): session(p) for p, _, _ in runs.values()}
     samples = {k: {"prefill": [], "decode": []} for k in runs}
+    load = [os.getloadavg()[0]]
     for _ in range(args.rounds):
         for label, (path, spec, thr) in runs.items():
             p, d = timings(sessions[str(path)], spec, thr)
             samples[label]["prefill"].append(p)
             samples[label]["decode"].append(d)
+        load.append(os.getloadavg()[0])
     lat = {k: {"prefill_ms": 1e3 * float(np.median(v["prefill"])), "decode_ms": 1e3 * float(np.median(v["decode"])),
                "decode_ms_spread": [1e3 * min(v["decode"]), 1e3 * max(v["decode"])]} for k, v in samples.items()}
 
@@ -170,6 +173,7 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
         "settings": {"prompt_tokens": PROMPT, "decode_tokens": DECODE, "rounds": args.rounds, "batch": 1},
+        "load_average_1min_during_timing": [round(min(load), 2), round(max(load), 2)],
         "export_and_quantize_seconds": round(export_seconds, 1),
         "sizes_bytes": {k: size(p) for k, p in arts.items()},
         "int8_over_fp32": {m: round(size(arts[f"{m} int8"]) / size(arts[f"{m} fp32"]), 4)
@@ -185,6 +189,11 @@ def main() -> None:
         "if_overhead_without_hoisting": round(d["r1-mini fp32 unhoisted skip 0%"] / d["r1-mini fp32 no gates"]
                                               - 1, 4),
     }
+    # where the decode step's time goes (ONNX Runtime's profiler, 1 thread, shares of one run; onnx_decode_profile.py)
+    from onnx_decode_profile import profile
+
+    result["decode_profile_1_thread"] = {label: profile(arts[label], 1, 8) for label in
+                                         ("r1-mini fp32", "r1-mini fp32 no gates", "r1-mini int8", "v3-mini int8")}
     try:
         import subprocess
 

@@ -150,8 +150,8 @@ def hoist_branch_invariants(model_proto, side_inputs: tuple[str, ...] = (MASK, "
         if reads_activation(node) or node.op_type == "If":
             act.update(node.output)
         main.append(node)
-    same_shape = {}  # If output -> the outer value its skip branch returns (same shape)
-    for node in main:
+    same_shape = _declared_same_shape(g)  # graph inputs/outputs -> the first one declared with the same shape
+    for node in main:  # If output -> the outer value its skip branch returns (same shape)
         skip = next((a.g for a in node.attribute if a.name == "else_branch"), None) if node.op_type == "If" else None
         if skip is not None and len(node.output) == 1 and [n.op_type for n in skip.node] == ["Identity"]:
             src = skip.node[0].input[0]
@@ -159,10 +159,12 @@ def hoist_branch_invariants(model_proto, side_inputs: tuple[str, ...] = (MASK, "
     # merge identical nodes (same op, inputs and attributes) of the main graph, graph outputs excepted
     graph_outputs = {o.name for o in g.output}
     seen, rename, nodes = {}, {}, []
+    available = {i.name for i in g.input} | {t.name for t in g.initializer}
     for node in main:
         node.input[:] = [rename.get(i, i) for i in node.input]
-        if node.op_type in SIZE_OPS and node.input[0] in same_shape:
+        if node.op_type in SIZE_OPS and same_shape.get(node.input[0]) in available:
             node.input[0] = same_shape[node.input[0]]
+        available.update(node.output)
         if _has_subgraph(node):
             for a in node.attribute:
                 for sub in [a.g, *a.graphs]:
@@ -185,6 +187,20 @@ def hoist_branch_invariants(model_proto, side_inputs: tuple[str, ...] = (MASK, "
     del g.node[:]
     g.node.extend(nodes)
     return {"hoisted": hoisted, "merged": len(main) - len(nodes)}
+
+
+def _declared_same_shape(graph) -> dict[str, str]:
+    """Graph inputs and outputs whose declared shapes are fully named and equal (same dim values and dim_params:
+    ONNX's named dimensions are equal wherever they appear) -> the first of them, inputs then outputs in order.
+    R1's size nodes read each layer's present key / value; all of them are [batch, kv_heads, present, head_dim]."""
+    first, same = {}, {}
+    for vi in [*graph.input, *graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        key = tuple(d.dim_param or d.dim_value for d in dims)
+        if not dims or not all(key):
+            continue
+        same[vi.name] = first.setdefault((vi.type.tensor_type.elem_type, key), vi.name)
+    return {k: v for k, v in same.items() if k != v}
 
 
 def strip_debug_info(model_proto) -> None:

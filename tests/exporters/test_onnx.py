@@ -284,6 +284,10 @@ def test_exported_r1_graph_has_positions_once_and_no_element_gathers(onnx_r1_tin
                     local.update(x.output)
         elif node.op_type not in ("Shape", "Size") and any(i in act for i in node.input):
             act.update(node.output)
+    # every layer's present key/value is [batch, kv_heads, present, head_dim]: sizes are read off one of them
+    cache = {i.name for i in model.graph.input if i.name.startswith("past.")} | {
+        o.name for o in model.graph.output if o.name.startswith("present.")}
+    assert {n.input[0] for n in model.graph.node if n.op_type == "Shape"} & cache <= {"past.0.key", "present.0.key"}
     ops = graph_ops(onnx_r1_tiny / "model.onnx")
     assert "GatherND" not in ops and "GatherElements" not in ops and ops["TopK"] == 4
 
