@@ -1,4 +1,4 @@
-"""Where an exported decoder's decode step spends its time: ONNX Runtime's own profiler (SessionOptions.enable_profiling)
+"""Where an exported decoder's decode step spends its time: ONNX Runtime's profiler (SessionOptions.enable_profiling)
 over decode steps on a 128-token cache, aggregated by op type; nodes inside If branches are counted as such.
 
 Shares of one profiled run are what this reports (this machine is shared: a wall-clock comparison across runs is not

@@ -75,7 +75,8 @@ def block_means(k_blocks: torch.Tensor) -> torch.Tensor:
 
 
 def max_route_k(cfg: ModelConfig) -> int:
-    """The most routed blocks any query of a max_seq_len context selects (the exported graph's fixed k)."""
+    """The most routed blocks any query of a max_seq_len context selects (the exported graph's slot count, capped
+    at the number of key blocks of the call: a 144-token cache of 64-token blocks gathers 3 + 1 slots, not 7 + 1)."""
     return route_k(-(-cfg.max_seq_len // cfg.block_size))
 
 
@@ -302,9 +303,10 @@ def routed_attention(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q: torc
     never O(S x K). The relative-position bias is looked up for the read keys by their true distances.
 
     kernel "gather": each query gathers its (kmax + 1) blocks, [B, H, C, kmax + 1, block, D] (the exported kernel:
-    one chunk, fixed kmax); "blocks": the pairs are grouped per key block (_blocks_chunk; eager only).
+    one chunk, min(max_route_k, key blocks) routed slots); "blocks": the pairs are grouped per key block
+    (_blocks_chunk; eager only).
     kmax: a fixed number of routed slots (masked beyond each query's k); None = the exact maximum of the chunk
-    (eager) or max_route_k (export).
+    (eager) or min(max_route_k, key blocks) (export).
     """
     b, h, s, d = q.shape
     bs = cfg.block_size
@@ -389,7 +391,7 @@ class R1(CausalLM):
             qpos = pos[:, None, p:]  # [B, 1, S]; a padding query sits at 0
             qmask = keep[:, p:]
             if self.attention_impl == "dense":  # the oracle aligns with align_keys (zeros past the real keys)
-                src = torch.arange(p + s, device=dev) + (~keep).sum(1, keepdim=True)  # [B, K]: aligned j <- slot j + o_b
+                src = torch.arange(p + s, device=dev) + (~keep).sum(1, keepdim=True)  # [B, K]: aligned j <- j + o_b
                 valid = src < p + s
                 src = src.clamp(max=p + s - 1)
             else:  # the kernels gather whole rows into aligned blocks
