@@ -4,6 +4,8 @@
 - ONNX Runtime prefill latency (128 tokens) and per-token decode latency at batch 1, fp32 vs int8
 - R1 decode latency vs fraction of gated layers skipped (0, 25, 50, 75, 100 %)
 - the cost of the If nodes: the same R1 weights exported without gates
+- the decode steps again on 1-thread sessions timed by CPU time (robust to other processes on a shared machine)
+- where a decode step's time goes: ONNX Runtime's profiler, shares by op type (onnx_decode_profile.py)
 
 Variants are timed round-robin in one run (medians over rounds) because this machine is shared.
 Writes bench/results/onnx_export.json and onnx_export.png.
@@ -68,31 +70,34 @@ def unhoisted(work: Path) -> Path:
     return out
 
 
-def session(path: Path):
+def session(path: Path, threads: int = 0):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path / MODEL_FILE), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
+    return ort.InferenceSession(str(path / MODEL_FILE), so, providers=["CPUExecutionProvider"])
 
 
 def size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("model.onnx*"))
 
 
-def timings(sess, spec: DecoderSpec, thresholds=None) -> tuple[float, float]:
-    """(prefill seconds for PROMPT tokens, median decode seconds per token) at batch 1."""
+def timings(sess, spec: DecoderSpec, thresholds=None, clock=time.perf_counter) -> tuple[float, float]:
+    """(prefill seconds for PROMPT tokens, median decode seconds per token) at batch 1. clock=time.thread_time on a
+    1-thread session: the CPU time the step took, which other processes on a shared machine barely change."""
     feeds = spec.dummy(1, PROMPT, 0, seed=0, thresholds=thresholds)
-    t = time.perf_counter()
+    t = clock()
     out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-    prefill = time.perf_counter() - t
+    prefill = clock() - t
     steps = []
     for i in range(DECODE):
         feeds = {**feeds, "input_ids": np.array([[i + 1]], np.int64),
                  "attention_mask": np.ones((1, PROMPT + i + 1), np.int64)}
         for past, present in zip(spec.past_names(), spec.present_names()):
             feeds[past] = out[present]
-        t = time.perf_counter()
+        t = clock()
         out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-        steps.append(time.perf_counter() - t)
+        steps.append(clock() - t)
     return prefill, float(np.median(steps))
 
 
@@ -154,11 +159,24 @@ def main() -> None:
             runs[label] = (path, spec, None)
     sessions = {str(p): session(p) for p, _, _ in runs.values()}
     samples = {k: {"prefill": [], "decode": []} for k in runs}
+    load = [os.getloadavg()[0]]
     for _ in range(args.rounds):
         for label, (path, spec, thr) in runs.items():
             p, d = timings(sessions[str(path)], spec, thr)
             samples[label]["prefill"].append(p)
             samples[label]["decode"].append(d)
+        load.append(os.getloadavg()[0])
+    # the same decode steps on 1-thread sessions, timed by the CPU time of the calling thread (load-robust)
+    cpu_labels = ["v3-mini fp32", "v3-mini int8", "r1-mini fp32 skip 0%", "r1-mini int8 skip 0%",
+                  "r1-mini fp32 no gates", "r1-mini fp32 unhoisted skip 0%"]
+    sessions1 = {label: session(runs[label][0], threads=1) for label in cpu_labels}
+    cpu = {label: [] for label in cpu_labels}
+    for _ in range(args.rounds):
+        for label in cpu_labels:
+            _, spec, thr = runs[label]
+            cpu[label].append(timings(sessions1[label], spec, thr, clock=time.thread_time)[1])
+        load.append(os.getloadavg()[0])
+    c = {k: float(np.median(v)) for k, v in cpu.items()}
     lat = {k: {"prefill_ms": 1e3 * float(np.median(v["prefill"])), "decode_ms": 1e3 * float(np.median(v["decode"])),
                "decode_ms_spread": [1e3 * min(v["decode"]), 1e3 * max(v["decode"])]} for k, v in samples.items()}
 
@@ -170,6 +188,7 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
         "settings": {"prompt_tokens": PROMPT, "decode_tokens": DECODE, "rounds": args.rounds, "batch": 1},
+        "load_average_1min_during_timing": [round(min(load), 2), round(max(load), 2)],
         "export_and_quantize_seconds": round(export_seconds, 1),
         "sizes_bytes": {k: size(p) for k, p in arts.items()},
         "int8_over_fp32": {m: round(size(arts[f"{m} int8"]) / size(arts[f"{m} fp32"]), 4)
@@ -184,7 +203,21 @@ def main() -> None:
         "if_overhead_when_nothing_skipped": round(all_run / d["r1-mini fp32 no gates"] - 1, 4),
         "if_overhead_without_hoisting": round(d["r1-mini fp32 unhoisted skip 0%"] / d["r1-mini fp32 no gates"]
                                               - 1, 4),
+        "cpu_1_thread": {
+            "decode_cpu_ms": {k: round(1e3 * v, 3) for k, v in c.items()},
+            "decode_cpu_ms_spread": {k: [round(1e3 * min(v), 3), round(1e3 * max(v), 3)] for k, v in cpu.items()},
+            "int8_decode_speedup": {m: round(c[f"{m} fp32" + (" skip 0%" if m == "r1-mini" else "")] /
+                                             c[f"{m} int8" + (" skip 0%" if m == "r1-mini" else "")], 3)
+                                    for m in ("v3-mini", "r1-mini")},
+            "if_overhead_when_nothing_skipped": round(c["r1-mini fp32 skip 0%"] / c["r1-mini fp32 no gates"] - 1, 4),
+            "if_overhead_without_hoisting": round(c["r1-mini fp32 unhoisted skip 0%"] / c["r1-mini fp32 no gates"]
+                                                  - 1, 4)},
     }
+    # where the decode step's time goes (ONNX Runtime's profiler, 1 thread, shares of one run; onnx_decode_profile.py)
+    from onnx_decode_profile import profile
+
+    result["decode_profile_1_thread"] = {label: profile(arts[label], 1, 8) for label in
+                                         ("r1-mini fp32", "r1-mini fp32 no gates", "r1-mini int8", "v3-mini int8")}
     try:
         import subprocess
 

@@ -104,19 +104,28 @@ def _attribute_key(node) -> tuple[bytes, ...]:
     return tuple(out)
 
 
-def hoist_branch_invariants(model_proto) -> dict[str, int]:
-    """Move the nodes of each If branch that do not depend on the *data* of the graph inputs (sizes,
-    positions, the positional part of R1's routing mask, relative-position lookups) into the main graph,
-    in front of their If, then merge identical main-graph nodes. The dynamo exporter repeats that work in
-    every branch, where ONNX Runtime cannot share it: r1-mini ran ~810 extra nodes per decode step, about
-    half of what the `If`s cost (bench/README.md). Exact (the same nodes compute the same values), but
-    the hoisted nodes now also run for skipped layers. Returns the counts moved and merged."""
-    g = model_proto.graph
-    data = {i.name for i in g.input}  # values computed from input data (a Shape/Size of one is not)
-    defined = data | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+SIZE_OPS = ("Shape", "Size")
 
-    def from_data(node) -> bool:
-        return node.op_type not in ("Shape", "Size") and any(i in data for i in node.input if i)
+
+def hoist_branch_invariants(model_proto, side_inputs: tuple[str, ...] = (MASK, "thresholds")) -> dict[str, int]:
+    """Move the nodes of each If branch that read no activation into the main graph, in front of their If, then
+    merge identical main-graph nodes. Activations are the values computed from the token ids and the KV cache
+    (every graph input but `side_inputs`) by anything but Shape/Size; what is left is sizes, weights-only work and
+    positions (from the attention mask): R1's block and query positions, routing counts, the aligned key slots —
+    the same in every gated layer. The dynamo exporter repeats that work in every branch, where ONNX Runtime cannot
+    share it; hoisted and merged, it runs once per call instead of once per executed layer (bench/README.md: ~30
+    nodes of each r1-mini branch). Exact (the same nodes compute the same values); it also runs when every layer
+    is skipped, once. Work that reads a layer's activations (its keys, its hidden state) stays in the branch.
+
+    The merge also knows that an If whose else branch returns an outer value unchanged (torch.cond's skip,
+    `h.clone()`) has that value's shape (cond's branches return equal shapes), so the size nodes each gated layer
+    reads off its input merge too. Returns the counts moved and merged."""
+    g = model_proto.graph
+    act = {i.name for i in g.input if i.name not in side_inputs}
+    defined = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+
+    def reads_activation(node) -> bool:
+        return node.op_type not in SIZE_OPS and any(i in act for i in node.input if i)
 
     main, hoisted = [], 0
     for node in g.node:
@@ -128,7 +137,7 @@ def hoist_branch_invariants(model_proto) -> dict[str, int]:
                 keep = []
                 for x in branch.node:
                     ins = [i for i in x.input if i]
-                    if (not _has_subgraph(x) and not from_data(x) and not any(i in local for i in ins)
+                    if (not _has_subgraph(x) and not reads_activation(x) and not any(i in local for i in ins)
                             and not any(o in outputs or o in defined for o in x.output)):
                         main.append(x)
                         defined.update(x.output)
@@ -138,14 +147,24 @@ def hoist_branch_invariants(model_proto) -> dict[str, int]:
                         local.update(x.output)
                 del branch.node[:]
                 branch.node.extend(keep)
-        if from_data(node) or node.op_type == "If":
-            data.update(node.output)
+        if reads_activation(node) or node.op_type == "If":
+            act.update(node.output)
         main.append(node)
+    same_shape = _declared_same_shape(g)  # graph inputs/outputs -> the first one declared with the same shape
+    for node in main:  # If output -> the outer value its skip branch returns (same shape)
+        skip = next((a.g for a in node.attribute if a.name == "else_branch"), None) if node.op_type == "If" else None
+        if skip is not None and len(node.output) == 1 and [n.op_type for n in skip.node] == ["Identity"]:
+            src = skip.node[0].input[0]
+            same_shape[node.output[0]] = same_shape.get(src, src)
     # merge identical nodes (same op, inputs and attributes) of the main graph, graph outputs excepted
     graph_outputs = {o.name for o in g.output}
     seen, rename, nodes = {}, {}, []
+    available = {i.name for i in g.input} | {t.name for t in g.initializer}
     for node in main:
         node.input[:] = [rename.get(i, i) for i in node.input]
+        if node.op_type in SIZE_OPS and same_shape.get(node.input[0]) in available:
+            node.input[0] = same_shape[node.input[0]]
+        available.update(node.output)
         if _has_subgraph(node):
             for a in node.attribute:
                 for sub in [a.g, *a.graphs]:
@@ -168,6 +187,20 @@ def hoist_branch_invariants(model_proto) -> dict[str, int]:
     del g.node[:]
     g.node.extend(nodes)
     return {"hoisted": hoisted, "merged": len(main) - len(nodes)}
+
+
+def _declared_same_shape(graph) -> dict[str, str]:
+    """Graph inputs and outputs whose declared shapes are fully named and equal (same dim values and dim_params:
+    ONNX's named dimensions are equal wherever they appear) -> the first of them, inputs then outputs in order.
+    R1's size nodes read each layer's present key / value; all of them are [batch, kv_heads, present, head_dim]."""
+    first, same = {}, {}
+    for vi in [*graph.input, *graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        key = tuple(d.dim_param or d.dim_value for d in dims)
+        if not dims or not all(key):
+            continue
+        same[vi.name] = first.setdefault((vi.type.tensor_type.elem_type, key), vi.name)
+    return {k: v for k, v in same.items() if k != v}
 
 
 def strip_debug_info(model_proto) -> None:

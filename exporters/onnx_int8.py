@@ -66,6 +66,7 @@ def dequantize_rows(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarra
 
 
 MIN_BYTES = 512  # weights smaller than this stay float (norm scales, position tables: not worth a block)
+MIN_GATHER_BLOCK = 16  # a Gather table whose rows are no whole number of these stays float
 
 
 def _reduction_dims(model, exclude: set[str], min_bytes: int) -> dict[str, int]:
@@ -83,8 +84,8 @@ def _reduction_dims(model, exclude: set[str], min_bytes: int) -> dict[str, int]:
                 ks[n.input[1]] = int(inits[n.input[1]].dims[0])
             elif n.op_type == "MatMul" and n.input[1] in transposed:
                 ks[transposed[n.input[1]]] = int(inits[transposed[n.input[1]]].dims[1])
-            elif n.op_type == "Gather" and n.input[0] in inits:
-                ks[n.input[0]] = int(inits[n.input[0]].dims[1])
+            elif n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].dims[1] % MIN_GATHER_BLOCK == 0:
+                ks[n.input[0]] = int(inits[n.input[0]].dims[1])  # else a lookup table left float (R1's bias)
     return ks
 
 
@@ -166,7 +167,7 @@ def quantize_int8(src: Path, dst: Path, block: int | str = "auto", accuracy_leve
                 t, home = inits[node.input[0]]
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
                 bs = block
-                while len(t.dims) == 2 and t.dims[1] % bs and bs > 16:  # whole blocks only
+                while len(t.dims) == 2 and t.dims[1] % bs and bs > MIN_GATHER_BLOCK:  # whole blocks only
                     bs //= 2
                 if (len(t.dims) == 2 and axis == 0 and t.dims[1] % bs == 0 and t.data_type in _FLOAT
                         and int(np.prod(t.dims)) * _BYTES[t.data_type] > min_bytes and t.name not in routers

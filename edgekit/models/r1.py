@@ -75,7 +75,8 @@ def block_means(k_blocks: torch.Tensor) -> torch.Tensor:
 
 
 def max_route_k(cfg: ModelConfig) -> int:
-    """The most routed blocks any query of a max_seq_len context selects (the exported graph's fixed k)."""
+    """The most routed blocks any query of a max_seq_len context selects (the exported graph's slot count, capped
+    at the number of key blocks of the call: a 144-token cache of 64-token blocks gathers 3 + 1 slots, not 7 + 1)."""
     return route_k(-(-cfg.max_seq_len // cfg.block_size))
 
 
@@ -93,14 +94,32 @@ class KeyBlocks:
     stride: int
 
 
-def key_blocks(k_all: torch.Tensor, v_all: torch.Tensor, bs: int) -> KeyBlocks:
-    """KeyBlocks of a plain cache k_all/v_all [B, Hkv, K, D]: zero-padded to whole blocks, block means computed."""
+def key_blocks(k_all: torch.Tensor, v_all: torch.Tensor, bs: int, src: torch.Tensor | None = None) -> KeyBlocks:
+    """KeyBlocks of a plain cache k_all/v_all [B, Hkv, K, D]: zero-padded to whole blocks, block means computed.
+
+    Left padding: src [B, ceil(K / bs) * bs] is the cache slot of every aligned position (aligned_slots); the
+    blocks are then gathered as whole K/V rows (one row copy per position, no zero fill): the positions past a
+    row's real keys hold copies of real keys, finite and never read (only complete blocks before a query are
+    routed, the own block causally), so the result equals the zero-padded align_keys + pad form exactly."""
     b, hkv, n_keys, d = k_all.shape
     n_kb = (n_keys + bs - 1) // bs
+    if src is not None:
+        heads = torch.arange(b * hkv, device=src.device).view(b, hkv, 1) * n_keys
+        rows = (heads + src[:, None, :]).reshape(-1)  # [B * Hkv * n_kb * bs] rows of the [B * Hkv * K, D] cache
+        kb = k_all.reshape(-1, d).index_select(0, rows).view(b, hkv, n_kb, bs, d)
+        vb = v_all.reshape(-1, d).index_select(0, rows).view(b * hkv * n_kb, bs, d)
+        return KeyBlocks(kb.view(b * hkv * n_kb, bs, d), vb, block_means(kb), n_keys, n_kb, n_kb)
     pad = n_kb * bs - n_keys
     kb = F.pad(k_all, (0, 0, 0, pad)).reshape(b, hkv, n_kb, bs, d)  # every key block
     vb = F.pad(v_all, (0, 0, 0, pad)).reshape(b * hkv * n_kb, bs, d)
     return KeyBlocks(kb.reshape(b * hkv * n_kb, bs, d), vb, block_means(kb), n_keys, n_kb, n_kb)
+
+
+def aligned_slots(keep: torch.Tensor, n_keys: int, bs: int) -> torch.Tensor:
+    """keep [B, K] (real positions) -> [B, ceil(K / bs) * bs]: the cache slot that aligned position j of each row
+    reads (real position j sits at slot j + number of pads; past the row's real keys: clamped to the last slot)."""
+    n = (n_keys + bs - 1) // bs * bs  # not -(-n // bs): the exported graph's integer Div truncates toward zero
+    return (torch.arange(n, device=keep.device) + (~keep).sum(1, keepdim=True)).clamp(max=n_keys - 1)
 
 
 class RoutedCache:
@@ -198,12 +217,13 @@ def _gather_chunk(attn: Attention, cfg: ModelConfig, kvb: KeyBlocks, qc, pos, gc
     dist = pos[..., None, None] - kpos  # pos [C] or per row [B, 1, C]
     allowed = valid[..., None] & (dist >= 0)  # routed blocks lie before the query; the own block causally
     local_idx, global_idx = relative_indices(dist, cfg)
-    local_tab = F.pad(attn.relpos.local, (0, 1)).reshape(-1)  # entry local_window = 0: beyond the window
-    glob_tab = attn.relpos.glob.reshape(-1)
+    local_tab = F.pad(attn.relpos.local, (0, 1)).reshape(-1, 1)  # entry local_window = 0: beyond the window
+    glob_tab = attn.relpos.glob.reshape(-1, 1)
     row = heads[:, None, None, None]
     gc = gc[..., None, None]
-    bias = gc * local_tab[row * (cfg.local_window + 1) + local_idx] + (1 - gc) * glob_tab[
-        row * cfg.n_global_buckets + global_idx]
+    # table lookups as an embedding (ONNX Gather, one index per key; indexing would export as a slower GatherND)
+    bias = gc * F.embedding(row * (cfg.local_window + 1) + local_idx, local_tab).squeeze(-1) + (1 - gc) * F.embedding(
+        row * cfg.n_global_buckets + global_idx, glob_tab).squeeze(-1)
     scores = (kg.reshape(b, h, c, n_slots * bs, d) @ qc.unsqueeze(-1)).squeeze(-1) * (1.0 / math.sqrt(d))
     scores = scores + bias.reshape(b, h, c, n_slots * bs)
     scores = scores.masked_fill(~allowed.reshape(b, h, c, n_slots * bs), float("-inf"))
@@ -270,24 +290,27 @@ def _blocks_chunk(attn: Attention, cfg: ModelConfig, kvb: KeyBlocks, qc, pos, gc
 
 def routed_attention(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q: torch.Tensor, k_all, v_all,
                      qpos: torch.Tensor, chunk: int | None = None, kmax: int | None = None,
-                     kernel: str = "gather", kvb: KeyBlocks | None = None) -> torch.Tensor:
+                     kernel: str = "gather", kvb: KeyBlocks | None = None,
+                     src: torch.Tensor | None = None) -> torch.Tensor:
     """Routed attention, equal to the masked-dense oracle (routed_allowed + Attention.forward).
 
     x [B,S,C] normed input, q [B,H,S,D], k_all/v_all [B,Hkv,K,D] (or kvb, their KeyBlocks, e.g. a RoutedCache's),
-    qpos [S] absolute positions (< K), or per row [B, 1, S] (left padding: keys in aligned coordinates).
+    qpos [S] absolute positions (< K), or per row [B, 1, S] (left padding: keys in aligned coordinates, gathered from
+    the slot-ordered k_all/v_all by src [B, ceil(K / block) * block], aligned_slots).
     Each query ranks the complete earlier key blocks by q . mean(K of block),
     keeps the best k = route_k(own block index + 1) of them (ties: lower block index), and attends to exactly those
     blocks plus its own block (causally). Queries run in chunks of `chunk`, so memory is O(chunk x (k + 1) x block),
     never O(S x K). The relative-position bias is looked up for the read keys by their true distances.
 
     kernel "gather": each query gathers its (kmax + 1) blocks, [B, H, C, kmax + 1, block, D] (the exported kernel:
-    one chunk, fixed kmax); "blocks": the pairs are grouped per key block (_blocks_chunk; eager only).
+    one chunk, min(max_route_k, key blocks) routed slots); "blocks": the pairs are grouped per key block
+    (_blocks_chunk; eager only).
     kmax: a fixed number of routed slots (masked beyond each query's k); None = the exact maximum of the chunk
-    (eager) or max_route_k (export).
+    (eager) or min(max_route_k, key blocks) (export).
     """
     b, h, s, d = q.shape
     bs = cfg.block_size
-    kvb = kvb if kvb is not None else key_blocks(k_all, v_all, bs)
+    kvb = kvb if kvb is not None else key_blocks(k_all, v_all, bs, src)
     g = torch.sigmoid(attn.relpos.gate(x)).transpose(1, 2)  # [B, H, S]
     exporting = _exporting()
     blocks_kernel = kernel == "blocks" and not exporting
@@ -300,8 +323,8 @@ def routed_attention(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q: torc
         qblk = torch.div(pos, bs, rounding_mode="floor")
         if kmax is not None:
             km = kmax
-        elif exporting:
-            km = max_route_k(cfg)
+        elif exporting:  # the most any context routes to, but never more slots than there are key blocks
+            km = torch.sym_min(max_route_k(cfg), kvb.n_blocks)
         else:  # the exact maximum over the chunk; a query in block qb has qb earlier complete blocks
             top = int(qblk.max())
             km = min(route_k(top + 1), top)
@@ -367,9 +390,12 @@ class R1(CausalLM):
             keep, pos = padding(attention_mask, b, p + s, dev)
             qpos = pos[:, None, p:]  # [B, 1, S]; a padding query sits at 0
             qmask = keep[:, p:]
-            src = torch.arange(p + s, device=dev) + (~keep).sum(1, keepdim=True)  # [B, K]: aligned j <- slot j + o_b
-            valid = src < p + s
-            src = src.clamp(max=p + s - 1)
+            if self.attention_impl == "dense":  # the oracle aligns with align_keys (zeros past the real keys)
+                src = torch.arange(p + s, device=dev) + (~keep).sum(1, keepdim=True)  # [B, K]: aligned j <- j + o_b
+                valid = src < p + s
+                src = src.clamp(max=p + s - 1)
+            else:  # the kernels gather whole rows into aligned blocks
+                src = aligned_slots(keep, p + s, cfg.block_size)  # [B, whole blocks]
         else:
             qpos = torch.arange(s, device=dev) + p  # absolute positions (R1's cache is never truncated)
         impl = self.attention_impl
@@ -397,15 +423,16 @@ class R1(CausalLM):
                 presents.append((k_all, v_all))
                 kvb = None
 
-            def run(h, x, k_all, v_all, qpos, local_idx, global_idx, src, valid, block=block, kvb=kvb):
-                if src is not None:  # left padding: each row's keys in aligned coordinates (inside the If)
-                    k_all, v_all = align_keys(k_all, src, valid), align_keys(v_all, src, valid)
+            def run(h, x, k_all, v_all, qpos, local_idx, global_idx, *align, block=block, kvb=kvb):
+                src, valid = (*align, None, None)[:2]  # left padding: aligned_slots (+ the oracle's valid keys)
                 q = block.attn.query(x)
                 if dense:
+                    if src is not None:  # each row's keys in aligned coordinates (inside the If)
+                        k_all, v_all = align_keys(k_all, src, valid), align_keys(v_all, src, valid)
                     allowed = routed_allowed(q, block.attn.expand_kv(k_all), qpos, cfg.block_size)
                     return block.residual(h, x, q, k_all, v_all, allowed, local_idx, global_idx)
                 h = h + routed_attention(block.attn, cfg, x, q, k_all, v_all, qpos, self.query_chunk,
-                                         kernel=kernel, kvb=kvb)
+                                         kernel=kernel, kvb=kvb, src=src)
                 return h + block.mlp(block.mlp_norm(h))
 
             def run_rows(h, *rest, run=run):  # the rows whose own score is below the threshold keep h
@@ -413,7 +440,7 @@ class R1(CausalLM):
                 return torch.where(rows[:, None, None], run(h, *operands), h)
 
             gate = self.gates[str(layer)] if str(layer) in self.gates else None
-            operands = (h, x, k_all, v_all, qpos, local_idx, global_idx, src, valid)
+            operands = (h, x, k_all, v_all, qpos, local_idx, global_idx, *(t for t in (src, valid) if t is not None))
             if gate is None:
                 h = run(*operands)
                 executed.append(torch.ones((), dtype=torch.bool, device=dev))
@@ -426,8 +453,9 @@ class R1(CausalLM):
                 self.gate_scores.append(score)
                 executed.append(hard.mean() > 0.5)
                 continue
-            rows = row_scores(score, qmask) > thresholds[layer]  # [B]: each row on its own real new tokens
-            pred = rows.any()  # 0-D bool: the layer runs (one If) when any row's score exceeds the threshold
+            row_score = row_scores(score, qmask)  # [B]: each row on its own real new tokens
+            rows = row_score > thresholds[layer]
+            pred = row_score.max() > thresholds[layer]  # = rows.any(): the layer runs (one If) when any row does
             if _exporting():
                 h = torch.cond(pred, run_rows, lambda h, *_: h.clone(), (*operands, rows))
             elif bool(pred):

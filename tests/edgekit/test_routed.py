@@ -53,6 +53,26 @@ def test_routed_kernels_equal_dense_oracle_with_a_cache_and_skips(kernel):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+def test_routed_kernels_equal_dense_oracle_on_left_padded_rows(kernel):
+    """Padded rows: the kernels gather each row's keys as whole cache rows into aligned blocks (aligned_slots; the
+    positions past a row's real keys hold copies of real keys), the oracle aligns with zeros (align_keys): equal."""
+    model = build(dataclasses.replace(preset("r1-tiny"), n_kv_heads=2), seed=8)
+    n = model.cfg.n_layers
+    ids = torch.randint(0, 256, (3, 70), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(3, 70, dtype=torch.long)
+    mask[1, :13], mask[2, :37] = 0, 0  # 0 / 13 / 37 pads: rows end in different blocks (block 16)
+    with torch.no_grad():
+        _, past, _ = model(ids[:, :61], attention_mask=mask[:, :61])  # a padded cache ending mid-block
+        outs = {}
+        for impl in ("dense", kernel):
+            model.attention_impl, model.query_chunk = impl, 5
+            outs[impl] = model(ids[:, 61:], past, torch.zeros(n), attention_mask=mask)
+    (d, dp, de), (g, gp, ge) = outs["dense"], outs[kernel]
+    assert torch.equal(de, ge) and (d - g).abs().max().item() <= 1e-5
+    assert all((a - b).abs().max() <= 1e-5 for x, y in zip(dp, gp) for a, b in zip(x, y))  # still in slot order
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_routed_kernels_equal_dense_oracle_on_the_trained_reference(kernel):
     model = load_checkpoint(REFERENCE["r1-ref"])
     ids = torch.randint(0, 256, (2, model.cfg.max_seq_len), generator=torch.Generator().manual_seed(7))

@@ -199,14 +199,15 @@ def test_fidelity_data_is_the_text_the_int8_check_decodes(tmp_path, cli):
         assert not (tmp_path / "q2").exists()
 
 
-def _two_gated_layers():
+def _two_gated_layers(size_of: tuple[str, str] = ("x", "x")):
     """x -> If(c0){ x * (len(x) + 1) } -> If(c1){ . * (len(x) + 1) }: the size work is data-independent and
-    the same in both branches (as R1's positional routing is); the multiplications depend on x."""
+    the same in both branches (as R1's positional routing is); the multiplications depend on x. size_of: the
+    value each branch reads its size from (R1's branches read it off their own input)."""
     from onnx import TensorProto, helper
 
     def branch(name: str, src: str):
         one = helper.make_tensor(f"{name}_one", TensorProto.FLOAT, [], [1.0])
-        nodes = [helper.make_node("Shape", ["x"], [f"{name}_shape"]),
+        nodes = [helper.make_node("Shape", [size_of[int(name[-1])]], [f"{name}_shape"]),
                  helper.make_node("Cast", [f"{name}_shape"], [f"{name}_n"], to=TensorProto.FLOAT),
                  helper.make_node("Constant", [], [f"{name}_c"], value=one),
                  helper.make_node("Add", [f"{name}_n", f"{name}_c"], [f"{name}_scale"]),
@@ -248,8 +249,75 @@ def test_hoisting_moves_data_independent_branch_work_out_once_and_keeps_outputs(
         assert np.array_equal(want, x * 4.0 ** (c0 + c1))
 
 
+def test_hoisting_merges_sizes_read_off_each_gated_layers_input():
+    """The second If reads len(h0), h0 the first If's output: torch.cond's skip branch returns x unchanged, so h0
+    has x's shape and the size work merges into one copy (without that rule, only the Constant would merge)."""
+    import onnxruntime as ort
+
+    from exporters.onnx import hoist_branch_invariants
+
+    before, after = _two_gated_layers(("x", "h0")), _two_gated_layers(("x", "h0"))
+    assert hoist_branch_invariants(after) == {"hoisted": 8, "merged": 4}
+    onnx.checker.check_model(after)
+    assert [n.op_type for n in after.graph.node] == ["Shape", "Cast", "Constant", "Add", "If", "If"]
+    assert list(after.graph.node[0].input) == ["x"]
+    x = np.arange(1, 4, dtype=np.float32)
+    for c0, c1 in ((True, True), (True, False), (False, True), (False, False)):
+        feeds = {"x": x, "c0": np.array(c0), "c1": np.array(c1)}
+        want = ort.InferenceSession(before.SerializeToString()).run(None, feeds)[0]
+        np.testing.assert_array_equal(ort.InferenceSession(after.SerializeToString()).run(None, feeds)[0], want)
+
+
+def test_exported_r1_graph_has_positions_once_and_no_element_gathers(onnx_r1_tiny):
+    """What hoisting leaves in each branch reads an activation (the layer's hidden state or keys): no branch node
+    computes positions only. The routed kernel's lookups are Gathers of whole rows / table entries: no GatherND or
+    GatherElements (ONNX Runtime runs those per element, ~10x slower at decode; bench/README.md)."""
+    model = onnx.load(str(onnx_r1_tiny / "model.onnx"), load_external_data=False)
+    act = {i.name for i in model.graph.input if i.name not in ("attention_mask", "thresholds")}
+    for node in model.graph.node:
+        if node.op_type == "If":
+            act.update(node.output)
+            for branch in (a.g for a in node.attribute):
+                local = set()
+                for x in branch.node:
+                    assert x.op_type in ("Shape", "Size") or any(i in act or i in local for i in x.input if i), x
+                    local.update(x.output)
+        elif node.op_type not in ("Shape", "Size") and any(i in act for i in node.input):
+            act.update(node.output)
+    # every layer's present key/value is [batch, kv_heads, present, head_dim]: sizes are read off one of them
+    cache = {i.name for i in model.graph.input if i.name.startswith("past.")} | {
+        o.name for o in model.graph.output if o.name.startswith("present.")}
+    assert {n.input[0] for n in model.graph.node if n.op_type == "Shape"} & cache <= {"past.0.key", "present.0.key"}
+    ops = graph_ops(onnx_r1_tiny / "model.onnx")
+    assert "GatherND" not in ops and "GatherElements" not in ops and ops["TopK"] == 4
+
+
 def test_exported_r1_branches_hold_only_data_dependent_work(onnx_r1_tiny):
     from exporters.onnx import hoist_branch_invariants
 
     model = onnx.load(str(onnx_r1_tiny / "model.onnx"), load_external_data=False)
     assert hoist_branch_invariants(model) == {"hoisted": 0, "merged": 0}  # the exporter already did it all
+
+
+def test_int8_block_ignores_lookup_tables_narrower_than_a_block():
+    """R1's relative-position bias tables are Gathers of [n, 1] rows: left float, they must not pull every weight's
+    block down to 32 (r1-mini's int8 grew from 25.9 % to 28.2 % of fp32 when they did)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.onnx_int8 import choose_block
+
+    w = numpy_helper.from_array(np.zeros((256, 64), np.float32), "w")
+    table = numpy_helper.from_array(np.zeros((780, 1), np.float32), "table")
+    emb = numpy_helper.from_array(np.zeros((300, 256), np.float32), "emb")
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["x"]), helper.make_node("MatMul", ["x", "w"], ["y"]),
+             helper.make_node("Gather", ["table", "ids"], ["bias"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [4])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "bias")],
+                              initializer=[w, table, emb])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert choose_block(model) == 128
+    emb.CopyFrom(numpy_helper.from_array(np.zeros((300, 96), np.float32), "emb"))  # an embedding 96 wide: block 32
+    model.graph.initializer[2].CopyFrom(emb)
+    w2 = numpy_helper.from_array(np.zeros((96, 64), np.float32), "w")
+    model.graph.initializer[0].CopyFrom(w2)
+    assert choose_block(model) == 32
