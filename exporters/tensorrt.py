@@ -117,7 +117,14 @@ def export(model, tmp_dir: Path, device: str, context: int | None = None, precis
     step("exporting the ONNX graph")
     with tempfile.TemporaryDirectory(prefix="edgekit-trt-", dir=tmp_dir) as work:
         src = Path(work) / MODEL_FILE
-        export_graph(model, src)
+        static = hasattr(model, "static_route_slots")  # R1: a constant TopK k (TensorRT 8.5 needs it)
+        if static:
+            model.static_route_slots = True
+        try:
+            export_graph(model, src)
+        finally:
+            if static:
+                model.static_route_slots = False
         graph = _load_model_proto(src)
     step("preparing the graph for TensorRT")
     conditionals = check_conditionals(graph)

@@ -364,6 +364,9 @@ class R1(CausalLM):
         self.gates = nn.ModuleDict({str(i): Gate(cfg) for i in cfg.gated_layers})
         self.attention_impl = ATTENTION  # "blocks", "gather" or "dense" (the oracle); same results
         self.query_chunk = QUERY_CHUNK
+        # exported routing slots: min(max_route_k, key blocks) by default; True: always max_route_k, a constant
+        # TopK k (TensorRT 8.5 / JetPack 5.1 takes k only as an initializer; exporters/tensorrt.py sets it)
+        self.static_route_slots = False
 
     def new_cache(self, batch: int = 1, device=None, dtype=None) -> RoutedCache:
         """An empty RoutedCache (in-place K/V buffers + block summaries) to pass as `past` step after step."""
@@ -432,6 +435,7 @@ class R1(CausalLM):
                     allowed = routed_allowed(q, block.attn.expand_kv(k_all), qpos, cfg.block_size)
                     return block.residual(h, x, q, k_all, v_all, allowed, local_idx, global_idx)
                 h = h + routed_attention(block.attn, cfg, x, q, k_all, v_all, qpos, self.query_chunk,
+                                         kmax=max_route_k(cfg) if self.static_route_slots else None,
                                          kernel=kernel, kvb=kvb, src=src)
                 return h + block.mlp(block.mlp_norm(h))
 

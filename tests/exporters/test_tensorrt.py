@@ -496,16 +496,29 @@ def test_tensorrt_compatibility(installed, versions, ok):
 
 
 # ------------------------------------------------------------------------------------------------
-# one real export (the fp32 graph comes from the shared session export: no extra torch.export)
+# one real export of r1-tiny's graph as the TensorRT path traces it, shared by the tests below
 # ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trt_graph(tmp_path_factory):
+    """r1-tiny's fp32 graph with a constant routing TopK k (static_route_slots), exported once."""
+    from edgekit.models import build
+    from exporters.onnx import export_graph
+
+    d = tmp_path_factory.mktemp("trt-graph")
+    model = build("r1-tiny")
+    model.static_route_slots = True
+    export_graph(model, d / "model.onnx")
+    return d
+
+
 @pytest.fixture()
-def reuse_graph(onnx_r1_tiny, monkeypatch):
+def reuse_graph(trt_graph, monkeypatch):
     import exporters.onnx as onnx_exporter
 
     def copy_graph(model, path, dtype=None):
-        assert model.cfg.name == "r1-tiny"
-        shutil.copy(onnx_r1_tiny / "model.onnx", path)
-        for extra in onnx_r1_tiny.glob("model.onnx.data"):
+        assert model.cfg.name == "r1-tiny" and model.static_route_slots  # the exporter asked for a constant k
+        shutil.copy(trt_graph / "model.onnx", path)
+        for extra in trt_graph.glob("model.onnx.data"):
             shutil.copy(extra, Path(path).parent / extra.name)
 
     monkeypatch.setattr(onnx_exporter, "export_graph", copy_graph)
