@@ -279,7 +279,7 @@ def export_streamed(hf_config_, cfg, source, out_dir: Path, int8: bool, progress
     import time
 
     from exporters.onnx import MODEL_FILE
-    from exporters.onnx_stream import peak_rss_gib, write_weights
+    from exporters.onnx_stream import peak_rss_gib, write_streamed
 
     out_dir = Path(out_dir)
     t0 = time.monotonic()
@@ -294,16 +294,7 @@ def export_streamed(hf_config_, cfg, source, out_dir: Path, int8: bool, progress
     info["template_peak_rss_gib"] = round(peak_rss_gib(), 2)
     if not int8:
         source = TransposedWeights(source, fold_transposes(proto))
-    layers = []
-
-    def on_layer(layer: int, written: int) -> None:
-        layers.append({"layer": layer, "elapsed_s": round(time.monotonic() - t0, 1), "written_bytes": written,
-                       "peak_rss_gib": round(peak_rss_gib(), 2)})
-        if progress is not None:
-            progress(layer, layers[-1])
-
-    info.update(write_weights(proto, source, out_dir / MODEL_FILE, on_layer))
-    info.update(total_s=round(time.monotonic() - t0, 1), peak_rss_gib=round(peak_rss_gib(), 2), layers=layers)
+    write_streamed(proto, info, source, out_dir / MODEL_FILE, t0, progress)
     if int8:  # the quantizer ran on the template: count the stamped graph's weights and nodes
         q = info["quantization"]
         q["template_weights_quantized"] = q.get("weights_quantized")

@@ -351,6 +351,11 @@ def export_streamed(cfg, source, out_dir: Path, int8: bool, progress=None, templ
         proto, info = stamped_graph(cfg, work, int8, template_model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return write_streamed(proto, info, source, out_dir / MODEL_FILE, t0, progress)
+
+
+def write_streamed(proto, info: dict, source, path: Path, t0: float, progress=None) -> dict:
+    """write_weights with per-layer progress (elapsed since t0, bytes, peak RSS); `info` updated and returned."""
     layers = []
 
     def on_layer(layer: int, written: int) -> None:
@@ -359,6 +364,6 @@ def export_streamed(cfg, source, out_dir: Path, int8: bool, progress=None, templ
         if progress is not None:
             progress(layer, layers[-1])
 
-    info.update(write_weights(proto, source, out_dir / MODEL_FILE, on_layer))
+    info.update(write_weights(proto, source, path, on_layer))
     info.update(total_s=round(time.monotonic() - t0, 1), peak_rss_gib=round(peak_rss_gib(), 2), layers=layers)
     return info
