@@ -164,7 +164,7 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
     ONNX + build recipe; min_cosine defaults to the precision's own floor there). fuse: a Hugging Face llama /
     qwen2 graph gets ONNX Runtime's fused attention and norms (exporters/onnx_fuse.py) before validation.
     """
-    from edgekit.artifact import check_target, staging, write_manifest
+    from edgekit.artifact import check_target
     from edgekit.errors import unknown_name
     from edgekit.progress import progress
     from edgekit.resolve import resolve
@@ -186,8 +186,25 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
     model = load_model(res)
     if getattr(model, "quantized", False):
         raise EdgekitError(f"{target} is a torch-int8 checkpoint", "export the fp32 model; --int8 quantizes the graph")
-    out = Path(out)
-    from edgekit.quiet import LOG_DIR, captured  # third-party warnings/logs -> logs/export.log
+
+    def build(tmp: Path) -> dict:
+        if fmt == "tensorrt":
+            from edgekit import engine
+
+            return engine.export(model, tmp, device=device, context=context,
+                                 precision=precision or ("int8" if int8 else "fp16"), min_cosine=min_cosine)
+        return _export_onnx(res, model, tmp, int8, 0.99 if min_cosine is None else min_cosine, tolerance,
+                            progress, text, 0.02 if max_ppl_increase is None else max_ppl_increase,
+                            fidelity_data, fuse)
+
+    return _write_artifact(res, Path(out), force, build)
+
+
+def _write_artifact(res, out: Path, force: bool, build) -> dict:
+    """The artifact staged and renamed into place: side files (config / tokenizer), `build(tmp)` -> the manifest's
+    fields (third-party warnings and logs into logs/export.log), the manifest; the summary export returns."""
+    from edgekit.artifact import staging, write_manifest
+    from edgekit.quiet import LOG_DIR, captured
 
     with staging(out, force) as tmp, captured(tmp / LOG_DIR / "export.log", "export") as log:
         if res.kind == "hf":
@@ -196,15 +213,7 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
             write_side_files(tmp, res.path)
         else:
             _write_common(tmp, res.cfg)
-        if fmt == "tensorrt":
-            from edgekit import engine
-
-            fields = engine.export(model, tmp, device=device, context=context,
-                                   precision=precision or ("int8" if int8 else "fp16"), min_cosine=min_cosine)
-        else:
-            fields = _export_onnx(res, model, tmp, int8, 0.99 if min_cosine is None else min_cosine, tolerance,
-                                  progress, text, 0.02 if max_ppl_increase is None else max_ppl_increase,
-                                  fidelity_data, fuse)
+        fields = build(tmp)
         log.close()  # complete before write_manifest hashes it
         manifest = write_manifest(tmp, model=res.name, family=res.cfg.family, source=str(res.path or res.name),
                                   **fields)
@@ -214,24 +223,10 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
 def _export_streamed(res, out, int8: bool, force: bool, min_cosine: float | None, tolerance: float,
                      random_weights: bool) -> dict:
     from edgekit import streamed
-    from edgekit.artifact import staging, write_manifest
     from edgekit.progress import progress
-    from edgekit.quiet import LOG_DIR, captured
 
-    out = Path(out)
-    with staging(out, force) as tmp, captured(tmp / LOG_DIR / "export.log", "export") as log:
-        if res.kind == "hf":
-            from edgekit.hfconfig import write_side_files
-
-            write_side_files(tmp, res.path)
-        else:
-            _write_common(tmp, res.cfg)
-        fields = streamed.export(res, tmp, int8, random_weights, 0.99 if min_cosine is None else min_cosine,
-                                 tolerance, progress)
-        log.close()
-        manifest = write_manifest(tmp, model=res.name, family=res.cfg.family, source=str(res.path or res.name),
-                                  **fields)
-    return {k: v for k, v in manifest.items() if k != "files"} | {"out": str(out), "files": sorted(manifest["files"])}
+    return _write_artifact(res, Path(out), force, lambda tmp: streamed.export(
+        res, tmp, int8, random_weights, 0.99 if min_cosine is None else min_cosine, tolerance, progress))
 
 
 def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance: float, progress,
