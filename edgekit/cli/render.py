@@ -143,7 +143,8 @@ def show_export(r: dict) -> None:
         ppl = v["int8"].get("perplexity")
         if ppl:
             console.print(f"int8 perplexity {ppl['candidate']:.3f} vs fp32 {ppl['reference']:.3f} "
-                          f"({100 * ppl['increase']:+.2f} %, limit +{100 * ppl['max_increase']:g} %) on {ppl['text']}")
+                          f"({100 * ppl['increase']:+.2f} % ± {100 * ppl['increase_se']:.2f}, limit "
+                          f"+{100 * ppl['max_increase']:g} %; {ppl['tokens']} tokens scored) on {ppl['text']}")
     if "streamed" in r:
         st = r["streamed"]
         console.print(f"streamed: traced {st['template_layers']} layers in {st['trace_s']:.0f}s, stamped in "

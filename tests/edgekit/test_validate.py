@@ -98,3 +98,48 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary():
     assert r["ppl"] == pytest.approx(50.0) and r["windows"] == 8
     with pytest.raises(EdgekitError, match="at least"):
         validate.perplexity(Uniform(), spec, [1, 2, 3], window=32)
+
+
+class _Offset:
+    """Logits that give token (t + 1) % 40 -- the next token of ids = range(40) * k -- a log-likelihood `delta[t]`
+    below a uniform model's; counts its calls."""
+
+    def __init__(self, delta):
+        self.delta, self.calls = np.asarray(delta, np.float32), 0
+
+    def infer(self, feeds):
+        self.calls += 1
+        ids = feeds["input_ids"]
+        logits = np.zeros((*ids.shape, 50), np.float32)
+        b, s = np.indices(ids.shape)
+        logits[b, s, (ids + 1) % 40] = -self.delta[ids]
+        return {"logits": logits}
+
+
+def _increase(delta, v=50):  # exp(mean per-token NLL difference) - 1, tokens 0..39 equally often
+    d = np.log((v - 1 + np.exp(-np.asarray(delta, np.float64))) / v) + delta
+    return float(np.expm1(d.mean()))
+
+
+def test_the_perplexity_gate_stops_once_its_estimate_is_clear_of_the_limit():
+    spec = DecoderSpec(resolve("v3-tiny").cfg)
+    rng = np.random.default_rng(0)
+    # lossless (+0.5 %, per-token sd ~0.03): clear of +2 % after the first two windows
+    lossless = _Offset(0.005 + 0.03 * rng.standard_normal(40))
+    r = validate.perplexity_gate(_Offset(np.zeros(40)), lossless, spec, list(range(40)) * 52, 0.02)
+    assert r["windows"] == validate.GATE_MIN_WINDOWS == lossless.calls and r["stopped"] == "below the limit"
+    assert r["tokens"] == 2 * 256 and r["increase_upper"] < 0.02
+    assert r["reference"] == pytest.approx(50.0, rel=1e-6)
+    assert r["increase"] == pytest.approx(_increase(lossless.delta[np.arange(512) % 40]), rel=1e-4)
+    # +10 %: refused as soon as it is clear, without scoring the rest
+    lossy = _Offset(np.full(40, 0.1))
+    with pytest.raises(EdgekitError, match=rf"perplexity 55.153 vs 50.000 \(\+{100 * _increase(lossy.delta):.2f} % > 2 %\)"):
+        validate.perplexity_gate(_Offset(np.zeros(40)), lossy, spec, list(range(40)) * 52, 0.02)
+    assert lossy.calls == validate.GATE_MIN_WINDOWS
+    # near the limit with noisy tokens: never clear, every window scored and judged on the estimate
+    z = rng.standard_normal(40)
+    noisy = _Offset(0.016 + 0.1 * (z - z.mean()) / z.std())
+    r = validate.perplexity_gate(_Offset(np.zeros(40)), noisy, spec, list(range(40)) * 52, 0.02)
+    assert r["windows"] == noisy.calls == r["max_windows"] == 8 and r["stopped"] == "all windows"
+    assert r["increase"] == pytest.approx(_increase(noisy.delta[np.arange(8 * 256) % 40]), rel=1e-4)
+    assert r["increase"] < 0.02 < r["increase_upper"]
