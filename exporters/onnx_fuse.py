@@ -332,19 +332,23 @@ def _prune(graph) -> None:
 
 
 def fuse_norms(model):
-    """RMSNorm (+ residual Add) -> SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
+    """RMSNorm (+ residual Add) -> SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization: ONNX Runtime's two
+    fusion passes run directly, not through optimize_model, whose other passes (and their symbolic shape
+    inferences) match nothing here: the same graph, node for node and in the same order, in 1.3 s instead of 3.8
+    (SmolLM2-135M's 30 layers)."""
+    from onnxruntime.transformers.fusion_simplified_layernorm import (FusionSimplifiedLayerNormalization,
+                                                                      FusionSkipSimplifiedLayerNormalization)
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     from edgekit.quiet import captured
 
-    options = FusionOptions("gpt2")  # the norm fusions only: the others match nothing here and cost ~1 s each
-    for name in ("enable_gelu", "enable_rotary_embeddings", "enable_attention", "enable_qordered_matmul",
-                 "enable_embed_layer_norm", "enable_bias_gelu", "enable_bias_skip_layer_norm"):
-        setattr(options, name, False)
-    with captured(None, "norm fusion"):  # the optimizer logs each fusion at WARNING level
-        return optimize_model(model, model_type="gpt2", num_heads=0, hidden_size=0, opt_level=0,
-                              optimization_options=options, use_gpu=False).model
+    with captured(None, "norm fusion"):  # the passes log each fusion at WARNING level
+        om = OnnxModel(model)
+        FusionSimplifiedLayerNormalization(om).apply()
+        FusionSkipSimplifiedLayerNormalization(om).apply()  # checks the Add's shapes (symbolic shape inference)
+        om.prune_graph()
+        om.topological_sort()
+    return om.model
 
 
 def _suffix_graph(graph, suffix: str, keep: set[str]):
