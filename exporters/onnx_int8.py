@@ -49,7 +49,7 @@ def block_quantize_rows(w_nk: np.ndarray, block: int) -> tuple[np.ndarray, np.nd
 
     n, k = w_nk.shape
     kb = (k + block - 1) // block
-    w_kn = np.ascontiguousarray(w_nk.T.astype(np.float32))
+    w_kn = np.ascontiguousarray(w_nk.T, dtype=np.float32)  # one copy at most (none for a [K, N] weight's .T)
     if kb * block != k:
         w_kn = np.pad(w_kn, ((0, kb * block - k), (0, 0)))
     packed = np.zeros((n, kb, block), np.uint8)
@@ -110,10 +110,10 @@ def quantize_int8(src: Path, dst: Path, block: int | str = "auto", accuracy_leve
 
     def weight(t) -> np.ndarray:
         if t.data_location != onnx.TensorProto.EXTERNAL:
-            return numpy_helper.to_array(t).astype(np.float32)
+            return numpy_helper.to_array(t).astype(np.float32, copy=False)
         bare = onnx.TensorProto()
         bare.CopyFrom(t)  # to_array would load the data into the graph's own tensor and keep it there
-        return numpy_helper.to_array(bare, base).astype(np.float32)
+        return numpy_helper.to_array(bare, base).astype(np.float32, copy=False)
     if block == "auto":
         block = choose_block(model, routers, min_bytes)
     block = int(block)
