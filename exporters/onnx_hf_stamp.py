@@ -294,14 +294,7 @@ def export_streamed(hf_config_, cfg, source, out_dir: Path, int8: bool, progress
     info["template_peak_rss_gib"] = round(peak_rss_gib(), 2)
     if not int8:
         source = TransposedWeights(source, fold_transposes(proto))
-    write_streamed(proto, info, source, out_dir / MODEL_FILE, t0, progress)
-    if int8:  # the quantizer ran on the template: count the stamped graph's weights and nodes
-        q = info["quantization"]
-        q["template_weights_quantized"] = q.get("weights_quantized")
-        q["weights_quantized"] = sum(1 for t in proto.graph.initializer if re.search(r"_Q8B\d+$", t.name))
-        q["MatMulNBits_main"] = sum(1 for n in proto.graph.node if n.op_type == "MatMulNBits")
-        q["GatherBlockQuantized"] = sum(1 for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
-    return info
+    return write_streamed(proto, info, source, out_dir / MODEL_FILE, t0, progress)
 
 
 def source_shapes(source) -> dict[str, tuple[int, ...]]:

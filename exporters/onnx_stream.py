@@ -366,4 +366,20 @@ def write_streamed(proto, info: dict, source, path: Path, t0: float, progress=No
 
     info.update(write_weights(proto, source, path, on_layer))
     info.update(total_s=round(time.monotonic() - t0, 1), peak_rss_gib=round(peak_rss_gib(), 2), layers=layers)
+    if "quantization" in info:  # the quantizer ran on the template: count the stamped graph's weights and nodes
+        count_int8(proto, info["quantization"])
     return info
+
+
+def count_int8(proto, q: dict) -> None:
+    """The quantizer's counts (`q`, of the template) replaced by the stamped graph's, in place; the template's
+    number of quantized weights kept as template_weights_quantized."""
+    from exporters.onnx_graph import iter_graphs
+
+    graphs = list(iter_graphs(proto.graph))
+    q["template_weights_quantized"] = q.get("weights_quantized")
+    q["weights_quantized"] = sum(1 for _, g in graphs for t in g.initializer if re.search(r"_Q8B\d+$", t.name))
+    for key, op, where in (("MatMulNBits_main", "MatMulNBits", True), ("MatMulNBits_branches", "MatMulNBits", False),
+                           ("GatherBlockQuantized", "GatherBlockQuantized", None)):
+        q[key] = sum(1 for path, g in graphs for n in g.node
+                     if n.op_type == op and where in (None, path == "main"))

@@ -4,6 +4,8 @@ presets, and the CLI path (random weights, interrupted export)."""
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 import re
 
@@ -50,13 +52,15 @@ def exported(request, tmp_path_factory):
     model = _model(name)
     d = tmp_path_factory.mktemp(name)
     export_graph(model, d / "traced.onnx")
-    quantize_int8(d / "traced.onnx", d / "traced_int8.onnx")
+    counts = quantize_int8(d / "traced.onnx", d / "traced_int8.onnx")
+    (d / "traced_int8_counts.json").write_text(json.dumps(counts))
     source = StateWeights(model.state_dict())
     dirs = []
     for int8 in (False, True):
         out = d / ("int8" if int8 else "fp32")
         out.mkdir()
-        export_streamed(model.cfg, source, out, int8)
+        info = export_streamed(model.cfg, source, out, int8)
+        (d / f"streamed_{out.name}_info.json").write_text(json.dumps(info.get("quantization")))
         dirs.append(out)
     return model.cfg, d / "traced.onnx", d / "traced_int8.onnx", *dirs
 
@@ -105,6 +109,11 @@ def test_streamed_int8_weights_are_byte_identical_to_the_in_memory_quantizer(exp
     for n in quantized:
         assert numpy_helper.to_array(a[n]).tobytes() == numpy_helper.to_array(b[n]).tobytes(), n
     _outputs_equal(cfg, int8 / "model.onnx", traced_int8, exact=False)
+    # the manifest's counts are the stamped graph's, not the 2-layer template's the quantizer ran on
+    want = json.loads((traced_int8.parent / "traced_int8_counts.json").read_text())
+    got = json.loads((traced_int8.parent / "streamed_int8_info.json").read_text())
+    keys = ("weights_quantized", "MatMulNBits_main", "MatMulNBits_branches", "GatherBlockQuantized")
+    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}  # r1-tiny's template held 26 weights, 18 here
 
 
 @pytest.mark.slow
