@@ -137,7 +137,10 @@ def show_export(r: dict) -> None:
                       f"{v['fp32']['max_abs_diff']:.2e} ({v['fp32'].get('max_relative_diff', 0):.1e} of the outputs' "
                       f"scale), skip patterns {v['fp32']['distinct_skip_patterns']}")
     if "int8" in v:
-        console.print(f"int8: size {r['size']['int8_over_fp32']:.1%} of fp32, logit cosine "
+        size = r.get("size", {})  # a streamed export never wrote the fp32 graph: its bytes only
+        size = (f"{size['int8_over_fp32']:.1%} of fp32" if "int8_over_fp32" in size
+                else f"{size.get('int8_bytes', 0) / 2**20:,.1f} MiB")
+        console.print(f"int8: size {size}, logit cosine "
                       f"{v['int8']['logit_cosine_mean']:.5f}, argmax agreement {v['int8']['argmax_agreement']:.1%} "
                       f"(on {v['int8']['inputs']})")
         ppl = v["int8"].get("perplexity")

@@ -329,6 +329,11 @@ def test_cli_streamed_random_weights_export_validates_and_leaves_nothing_when_in
     assert r["precision"] == "int8" and r["streamed"]["template_layers"] == 2
     assert r["validation"]["int8"]["passed"] and r["weights"].startswith("random")
     assert read_manifest(tmp_path / "a")["graph_ops"]["MatMulNBits"] == 8 * 4 + 1  # 8 per layer + the head
+    from edgekit.cli import render
+
+    with render.console.capture() as shown:  # the human output of the same result (it raised KeyError once)
+        render.show_export(r)
+    assert f"int8: size {r['size']['int8_bytes'] / 2**20:,.1f} MiB, logit cosine" in shown.get()
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
