@@ -4,6 +4,7 @@ PyTorch (edgekit/validate.py) are separate steps (STYLE.md)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -75,8 +76,14 @@ def export_graph(model: CausalLM, path: Path, dtype: torch.dtype = torch.float32
         model_proto.graph.input.extend(keep)
     _rename_dynamic_axes(model_proto, spec)
     strip_debug_info(model_proto)
-    hoist_branch_invariants(model_proto)
+    hoist_branch_invariants(model_proto, axis_sums=axis_sums(cfg))
     save_external(model_proto, path)
+
+
+def axis_sums(cfg) -> dict[str, tuple[str, ...]]:
+    """The graph axes that are sums of others (DecoderSpec): without a memory window, the present cache and the
+    attention mask span past + seq."""
+    return {} if cfg.memory_len else {"present": ("past", "seq"), "total": ("past", "seq")}
 
 
 def _has_subgraph(node) -> bool:
@@ -94,9 +101,12 @@ def _rename_inputs(graph, rename: dict[str, str]) -> None:
 
 
 def _attribute_key(node) -> tuple[bytes, ...]:
-    """A node's attributes as bytes, a tensor's name left out (Constants with equal values are equal)."""
+    """A node's attributes as bytes, a tensor's name left out (Constants with equal values are equal), an attribute
+    set to its default left out (Reshape's allowzero=0 is no Reshape attribute)."""
     out = []
     for a in sorted(node.attribute, key=lambda a: a.name):
+        if a.SerializeToString() == _default_attribute(node.op_type, node.domain, a.name):
+            continue
         if a.HasField("t") and a.t.name:
             a = type(a).FromString(a.SerializeToString())
             a.t.name = ""
@@ -104,10 +114,23 @@ def _attribute_key(node) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+@functools.cache
+def _default_attribute(op: str, domain: str, name: str) -> bytes | None:
+    import onnx
+
+    try:
+        attr = onnx.defs.get_schema(op, OPSET, domain).attributes.get(name)
+    except onnx.defs.SchemaError:  # an op ONNX does not define (contrib domains)
+        return None
+    default = attr.default_value.SerializeToString() if attr is not None else b""
+    return default or None  # b"": no default (a required attribute)
+
+
 SIZE_OPS = ("Shape", "Size")
 
 
-def hoist_branch_invariants(model_proto, side_inputs: tuple[str, ...] = (MASK, "thresholds")) -> dict[str, int]:
+def hoist_branch_invariants(model_proto, side_inputs: tuple[str, ...] = (MASK, "thresholds"),
+                            axis_sums: dict[str, tuple[str, ...]] | None = None) -> dict[str, int]:
     """Move the nodes of each If branch that read no activation into the main graph, in front of their If, then
     merge identical main-graph nodes. Activations are the values computed from the token ids and the KV cache
     (every graph input but `side_inputs`) by anything but Shape/Size; what is left is sizes, weights-only work and
@@ -119,7 +142,11 @@ def hoist_branch_invariants(model_proto, side_inputs: tuple[str, ...] = (MASK, "
 
     The merge also knows that an If whose else branch returns an outer value unchanged (torch.cond's skip,
     `h.clone()`) has that value's shape (cond's branches return equal shapes), so the size nodes each gated layer
-    reads off its input merge too. Returns the counts moved and merged."""
+    reads off its input merge too. Merging is value numbering (_Numbering): a Shape is keyed by the dims it returns
+    (ONNX shape inference from the declared axes), a size scalar by its expression (`axis_sums`: present = past +
+    seq, so the first gated branch's sizes merge with layer 0's), then the same inside each branch, which also reads
+    what the main graph computed before its If; nodes nobody reads are dropped (bench/README.md: ~100 nodes of
+    r1-mini's decode step). Returns the counts moved and merged (or dropped)."""
     g = model_proto.graph
     act = {i.name for i in g.input if i.name not in side_inputs}
     defined = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
@@ -150,15 +177,17 @@ def hoist_branch_invariants(model_proto, side_inputs: tuple[str, ...] = (MASK, "
         if reads_activation(node) or node.op_type == "If":
             act.update(node.output)
         main.append(node)
+    dims = _inferred_dims(model_proto)  # value -> dims named by the graph's declared axes
+    graph_outputs = {o.name for o in g.output}
     same_shape = _declared_same_shape(g)  # graph inputs/outputs -> the first one declared with the same shape
     for node in main:  # If output -> the outer value its skip branch returns (same shape)
         skip = next((a.g for a in node.attribute if a.name == "else_branch"), None) if node.op_type == "If" else None
         if skip is not None and len(node.output) == 1 and [n.op_type for n in skip.node] == ["Identity"]:
             src = skip.node[0].input[0]
             same_shape[node.output[0]] = same_shape.get(src, src)
-    # merge identical nodes (same op, inputs and attributes) of the main graph, graph outputs excepted
-    graph_outputs = {o.name for o in g.output}
-    seen, rename, nodes = {}, {}, []
+    # merge the nodes that compute the same value (value numbering), main graph then each branch, outputs excepted
+    numbering = _Numbering(dims, axis_sums or {}, _int_constants(g))
+    rename, nodes = {}, []
     available = {i.name for i in g.input} | {t.name for t in g.initializer}
     for node in main:
         node.input[:] = [rename.get(i, i) for i in node.input]
@@ -169,24 +198,169 @@ def hoist_branch_invariants(model_proto, side_inputs: tuple[str, ...] = (MASK, "
             for a in node.attribute:
                 for sub in [a.g, *a.graphs]:
                     _rename_inputs(sub, rename)
+                    if node.op_type == "If" and sub.node:  # what the main graph computed before this If counts too
+                        _merge_branch(sub, numbering.child())
             nodes.append(node)
-            continue
-        key = (node.op_type, node.domain, tuple(node.input), _attribute_key(node))
-        first = seen.get(key)
-        if (first is not None and not node.op_type.startswith("Random") and not graph_outputs & set(node.output)
-                and len(first.output) == len(node.output)):
-            rename.update(zip(node.output, first.output))
-            continue
-        seen.setdefault(key, node)
-        nodes.append(node)
+        elif numbering.add(node, rename, protect=graph_outputs):
+            nodes.append(node)
     names = set()  # a hoisted node may carry a name the main graph already uses (each graph numbers its own)
     for node in nodes:
         if node.name in names:
             node.name = f"{node.name}_hoisted{len(names)}"
         names.add(node.name)
+    nodes = _drop_unread(nodes, graph_outputs)
+    merged = len(main) - len(nodes) + numbering.branch_removed
     del g.node[:]
     g.node.extend(nodes)
-    return {"hoisted": hoisted, "merged": len(main) - len(nodes)}
+    return {"hoisted": hoisted, "merged": merged}
+
+
+class _Numbering:
+    """Which earlier node computes the same value as a node: the same op, inputs and attributes; a Shape by the dims
+    it returns (_shape_slice: batch read off present.0.key or off h is one value); a size scalar (Squeeze of a
+    one-dim Shape, Add of sizes) by its expression, where `axis_sums` names the axes that are sums of others
+    (present = past + seq: the first gated layer's branch reads it off present.0.key, layer 0 adds past and seq);
+    and Reshape(Reshape(x, a), b) reads x when b is a constant without 0 (no dim copied from the input)."""
+
+    def __init__(self, dims: dict, axis_sums: dict, constants: dict, seen: dict | None = None, sizes=None):
+        self.dims, self.axis_sums, self.constants = dims, axis_sums, constants
+        self.seen = {} if seen is None else seen  # key -> first node
+        self.sizes = {} if sizes is None else sizes  # value -> ("dims", dims) / ("size", expression)
+        self.producer: dict = {}
+        self.branch_removed = 0
+        self.parent = None
+
+    def child(self) -> _Numbering:
+        """For an If branch: sees what the main graph computed so far; its own nodes stay its own."""
+        c = _Numbering(self.dims, self.axis_sums, self.constants, dict(self.seen), self.sizes)
+        c.parent = self
+        return c
+
+    def _atom(self, d):
+        parts = self.axis_sums.get(d)
+        return ("+", *sorted(parts)) if parts else d
+
+    def key(self, node) -> tuple:
+        op, ins = node.op_type, list(node.input)
+        if op == "Reshape" and len(ins) > 1:
+            inner, target = self.producer.get(ins[0]), self.constants.get(ins[1])
+            if inner is not None and inner.op_type == "Reshape" and target is not None and 0 not in target:
+                node.input[0] = inner.input[0]
+        size = None
+        if op == "Shape":
+            sliced = _shape_slice(node, self.dims.get(ins[0]))
+            size = ("dims", sliced) if sliced is not None else None
+        elif op == "Squeeze" and len(ins) == 1 and self.sizes.get(ins[0], ("",))[0] == "dims" \
+                and len(self.sizes[ins[0]][1]) == 1 and isinstance(self.sizes[ins[0]][1][0], str):
+            size = ("size", self._atom(self.sizes[ins[0]][1][0]))
+        elif op == "Add" and len(ins) == 2 and all(self.sizes.get(i, ("",))[0] == "size" for i in ins):
+            terms = [t for i in ins for e in [self.sizes[i][1]] for t in (e[1:] if isinstance(e, tuple) else [e])]
+            size = ("size", ("+", *sorted(terms)))
+        if size is not None:
+            self.sizes.update((o, size) for o in node.output)
+            return size
+        return (op, node.domain, tuple(node.input), _attribute_key(node))
+
+    def add(self, node, rename: dict, protect: set) -> bool:
+        """Keep `node` (True) or map its outputs onto the first node computing the same value (False)."""
+        key = self.key(node)
+        first = self.seen.get(key)
+        if (first is not None and not node.op_type.startswith("Random") and not protect & set(node.output)
+                and len(first.output) == len(node.output)):
+            rename.update(zip(node.output, first.output))
+            return False
+        self.seen.setdefault(key, node)
+        self.producer.update((o, node) for o in node.output)
+        return True
+
+
+def _merge_branch(branch, numbering: _Numbering) -> None:
+    """Value numbering inside one If branch (the exporter's optimizer leaves branches alone), then drop what nobody
+    reads. Exact: a merged node computes the same value as the node it maps onto."""
+    outputs, rename, keep = {o.name for o in branch.output}, {}, []
+    for node in branch.node:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+        if _has_subgraph(node):
+            for a in node.attribute:
+                for sub in [a.g, *a.graphs]:
+                    _rename_inputs(sub, rename)
+            keep.append(node)
+        elif numbering.add(node, rename, protect=outputs):
+            keep.append(node)
+    live = _drop_unread(keep, outputs)
+    numbering.parent.branch_removed += len(branch.node) - len(live)
+    del branch.node[:]
+    branch.node.extend(live)
+
+
+def _drop_unread(nodes: list, outputs: set) -> list:
+    """`nodes` less those whose outputs nothing reads (graph outputs and nested subgraphs' reads count)."""
+    used, live = set(outputs), []
+    for node in reversed(nodes):
+        if _has_subgraph(node) or any(o in used for o in node.output):
+            live.append(node)
+            used.update(node.input)
+            used.update(i for a in node.attribute for sub in [a.g, *a.graphs] for _, s in iter_graphs(sub)
+                        for n in s.node for i in n.input)
+    return live[::-1]
+
+
+def _inferred_dims(model_proto) -> dict[str, tuple]:
+    """Value name -> its dims, as ONNX shape inference derives them (on a weightless copy) from the graph's declared
+    inputs and outputs: ints and the declared axis names (batch, seq, past, present, total); any other dim None. The
+    exporter's own symbols in branch outputs are dropped first: each branch is traced on its own, so s0 in one
+    branch need not be s0 in another."""
+    import onnx
+    from onnx import helper
+
+    g = model_proto.graph
+    axes = {d.dim_param for vi in [*g.input, *g.output] for d in vi.type.tensor_type.shape.dim if d.dim_param}
+    small = [t for t in g.initializer if not t.external_data and len(t.raw_data) + 8 * len(t.int64_data) <= 4096]
+    kept = {t.name: t for t in small}
+    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer
+               if t.name not in kept]  # shapes only; the small ones (Reshape targets, ...) keep their values
+    copy = helper.make_graph([], g.name, [*g.input, *weights], list(g.output), initializer=small)
+    copy.node.extend(g.node)
+    for where, sub in iter_graphs(copy):
+        if where != "main":  # a branch's inference sees outer values' types, not their data: copy the constants in
+            read = sorted({i for n in sub.node for i in n.input if i in kept})
+            nodes = list(sub.node)
+            del sub.node[:]
+            sub.node.extend(helper.make_node("Constant", [], [f"{i}__in_branch"], value=kept[i]) for i in read)
+            for n in nodes:
+                n.input[:] = [f"{i}__in_branch" if i in kept else i for i in n.input]
+            sub.node.extend(nodes)
+        for vi in [*sub.value_info, *(sub.output if where != "main" else [])]:
+            for d in vi.type.tensor_type.shape.dim:
+                if d.dim_param not in axes:
+                    d.ClearField("dim_param")
+    model = helper.make_model(copy, opset_imports=model_proto.opset_import, ir_version=model_proto.ir_version)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    dims = {}
+    for _, sub in iter_graphs(inferred.graph):
+        for vi in [*sub.value_info, *sub.input, *sub.output]:
+            if vi.type.tensor_type.HasField("shape"):
+                dims[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param if d.dim_param in axes
+                                      else None for d in vi.type.tensor_type.shape.dim)
+    return dims
+
+
+def _shape_slice(node, dims: tuple | None) -> tuple | None:
+    """What Shape `node` returns, from its input's dims (start/end attributes applied); None unless every dim is
+    known."""
+    if dims is None:
+        return None
+    rank, at = len(dims), {a.name: a.i for a in node.attribute}
+    start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (at.get("start", 0), at.get("end", rank)))
+    out = dims[start:end]
+    return None if any(d is None for d in out) else out
+
+
+def _int_constants(graph) -> dict[str, list[int]]:
+    from onnx import TensorProto, numpy_helper
+
+    return {t.name: numpy_helper.to_array(t).tolist() for t in graph.initializer
+            if t.data_type == TensorProto.INT64 and len(t.dims) == 1}
 
 
 def _declared_same_shape(graph) -> dict[str, str]:

@@ -66,6 +66,7 @@ def dequantize_rows(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarra
 
 
 MIN_BYTES = 512  # weights smaller than this stay float (norm scales, position tables: not worth a block)
+# a one-column MatMul weight [K, 1] (R1's skip gate: one score per token) stays float too, as the 1-D vector it was
 MIN_GATHER_BLOCK = 16  # a Gather table whose rows are no whole number of these stays float
 
 
@@ -73,7 +74,7 @@ def _reduction_dims(model, exclude: set[str], min_bytes: int) -> dict[str, int]:
     """weight name -> K (the dimension a block runs along) for the float initializers the pass quantizes:
     MatMul(A, W[K, N]), MatMul(A, Transpose(W[N, K])) and Gather(E[V, K])."""
     inits = {t.name: t for _, g in iter_graphs(model.graph) for t in g.initializer
-             if len(t.dims) == 2 and t.data_type in _FLOAT and t.name not in exclude
+             if len(t.dims) == 2 and 1 not in t.dims and t.data_type in _FLOAT and t.name not in exclude
              and int(np.prod(t.dims)) * _BYTES[t.data_type] > min_bytes}
     transposed = {n.output[0]: n.input[0] for _, g in iter_graphs(model.graph) for n in g.node
                   if n.op_type == "Transpose" and n.input[0] in inits}
@@ -153,7 +154,7 @@ def quantize_int8(src: Path, dst: Path, block: int | str = "auto", accuracy_leve
                 if w_name is not None and w_name not in routers:
                     t, home = inits[w_name]
                     nbytes = int(np.prod(t.dims)) * _BYTES.get(t.data_type, 0)
-                    if len(t.dims) == 2 and t.data_type in _FLOAT and nbytes > min_bytes:
+                    if len(t.dims) == 2 and 1 not in t.dims and t.data_type in _FLOAT and nbytes > min_bytes:
                         key = w_name if direct else w_name + "#T"
                         if key not in cache:
                             arr = weight(t)

@@ -111,7 +111,7 @@ def trace_template(model, path: Path | None = None, weights: bool = True):
     names = {f"model.{n}" for n, _ in model.named_parameters()}
     with parameters_unfolded(names, None if weights else PLACEHOLDERS) as layout, \
             mock.patch.object(onnx_exporter, "strip_debug_info", lambda m: None), \
-            mock.patch.object(onnx_exporter, "hoist_branch_invariants", lambda m: {}), \
+            mock.patch.object(onnx_exporter, "hoist_branch_invariants", lambda m, **kw: {}), \
             mock.patch.object(onnx_exporter, "save_external", lambda m, p: captured.setdefault("m", m)):
         onnx_exporter.export_graph(model, Path(path or "template.onnx"))
     proto = captured["m"]

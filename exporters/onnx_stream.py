@@ -112,10 +112,10 @@ def stamped_graph(cfg, workdir: Path, int8: bool, template_model=None, plan: Lay
     t1 = time.monotonic()
     tpl = segment(proto)
     out = stamp(tpl, cfg.n_layers, plan.src, plan.rename)
-    from exporters.onnx import hoist_branch_invariants, strip_debug_info
+    from exporters.onnx import axis_sums, hoist_branch_invariants, strip_debug_info
 
     strip_debug_info(out)
-    info["hoist"] = hoist_branch_invariants(out)
+    info["hoist"] = hoist_branch_invariants(out, axis_sums=axis_sums(cfg))
     info["stamp_s"] = round(time.monotonic() - t1, 2)
     return out, info
 

@@ -176,7 +176,7 @@ def quantize_int4(model, block: int = INT4_BLOCK, min_elements: int = 1024) -> d
     done, skipped = [], []
     for name, readers in uses.items():
         g, init = owner[name]
-        if init.data_type != TensorProto.FLOAT or len(init.dims) != 2 or not readers:
+        if init.data_type != TensorProto.FLOAT or len(init.dims) != 2 or 1 in init.dims or not readers:
             continue
         if int(np.prod(init.dims)) < min_elements:
             continue

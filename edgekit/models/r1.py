@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekit.config import ModelConfig, route_k
-from edgekit.models.layers import Attention, Block, CausalLM, Past, padding, relative_indices, row_scores
+from edgekit.models.layers import Attention, Block, CausalLM, Past, padding, relative_indices
 
 ATTENTION = "blocks"  # default kernel of new R1 models: "blocks" (per key block, eager prefill), "gather" (per
 # query: the exported kernel, and eager decode) or "dense" (the masked-dense oracle); all three give the same results
@@ -349,8 +349,21 @@ class Gate(nn.Module):
         self.eps = cfg.norm_eps
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.column(h).squeeze(-1)
+
+    def column(self, h: torch.Tensor) -> torch.Tensor:
+        """The scores as a column [B, S, 1], what row_weights [B, 1, S] @ reads (a per-row mean in one MatMul)."""
         x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return torch.sigmoid(x @ self.w + self.b)
+        return torch.sigmoid(x @ self.w[:, None] + self.b)
+
+    @staticmethod
+    def row_weights(qmask: torch.Tensor | None, b: int, s: int, like: torch.Tensor) -> torch.Tensor:
+        """[B, 1, S]: each row's real new tokens weighted 1 / their count, padding 0 (qmask [B, S]; None: no
+        padding). weights @ column(h) is each row's mean score [B, 1, 1], computed once per call for every gated
+        layer: the exported gate then costs one MatMul per layer for the mean instead of Mul + ReduceSum + Div,
+        and its [B, 1, 1] decision blends rows without an Unsqueeze (bench/README.md, issue 14)."""
+        w = torch.ones(b, s, dtype=like.dtype, device=like.device) if qmask is None else qmask.to(like.dtype)
+        return (w / w.sum(1, keepdim=True).clamp(min=1))[:, None, :]
 
 
 def _exporting() -> bool:
@@ -411,6 +424,7 @@ class R1(CausalLM):
         kernel = "gather" if impl == "gather" or _exporting() or s < GATHER_BELOW else "blocks"  # no guard on seq
 
         h = self.embed(input_ids)
+        weights = Gate.row_weights(qmask, b, s, h) if len(self.gates) else None  # [B, 1, S]: every gated layer
         presents, executed = [], []
         self.gate_scores: list[torch.Tensor] = []  # training: per-layer [B, S] scores for a compute penalty
         for layer in range(cfg.n_layers):
@@ -441,7 +455,7 @@ class R1(CausalLM):
 
             def run_rows(h, *rest, run=run):  # the rows whose own score is below the threshold keep h
                 *operands, rows = rest
-                return torch.where(rows[:, None, None], run(h, *operands), h)
+                return torch.where(rows, run(h, *operands), h)  # rows [B, 1, 1]
 
             gate = self.gates[str(layer)] if str(layer) in self.gates else None
             operands = (h, x, k_all, v_all, qpos, local_idx, global_idx, *(t for t in (src, valid) if t is not None))
@@ -449,15 +463,15 @@ class R1(CausalLM):
                 h = run(*operands)
                 executed.append(torch.ones((), dtype=torch.bool, device=dev))
                 continue
-            score = gate(h)  # [B, S]
             if self.training:  # per-token hard gate with a straight-through gradient to the score
+                score = gate(h)  # [B, S]
                 hard = (score > thresholds[layer]).to(h.dtype)
                 mix = (hard + score - score.detach()).unsqueeze(-1)
                 h = h + mix * (run(*operands) - h)
                 self.gate_scores.append(score)
                 executed.append(hard.mean() > 0.5)
                 continue
-            row_score = row_scores(score, qmask)  # [B]: each row on its own real new tokens
+            row_score = weights @ gate.column(h)  # [B, 1, 1]: each row's mean over its own real new tokens
             rows = row_score > thresholds[layer]
             pred = row_score.max() > thresholds[layer]  # = rows.any(): the layer runs (one If) when any row does
             if _exporting():

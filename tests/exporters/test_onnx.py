@@ -321,3 +321,114 @@ def test_int8_block_ignores_lookup_tables_narrower_than_a_block():
     w2 = numpy_helper.from_array(np.zeros((96, 64), np.float32), "w")
     model.graph.initializer[0].CopyFrom(w2)
     assert choose_block(model) == 32
+
+
+def _sized_branch_graph():
+    """c = concat(a, b) [present]; main: n = len(a) + len(b) (past + seq, as layer 0 computes it); an If whose
+    branch reads len(c) (present, as R1's first gated branch does), scales c by it and reshapes twice, twice."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    flat = numpy_helper.from_array(np.array([-1], np.int64), "flat")
+    start0 = {"start": 0, "end": 1}
+    branch = helper.make_graph([
+        helper.make_node("Shape", ["c"], ["b_shape"], **start0),
+        helper.make_node("Squeeze", ["b_shape"], ["b_n"]),
+        helper.make_node("Cast", ["b_n"], ["b_nf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["c", "b_nf"], ["b_t"]),
+        helper.make_node("Reshape", ["b_t", "flat"], ["b_r0"]),
+        helper.make_node("Reshape", ["b_r0", "flat"], ["b_r1"], allowzero=0),
+        helper.make_node("Reshape", ["b_r0", "flat"], ["b_r2"]),
+        helper.make_node("Add", ["b_r1", "b_r2"], ["b_out"])], "run", [],
+        [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, None)])
+    skip = helper.make_graph([helper.make_node("Identity", ["c"], ["s_out"])], "skip", [],
+                             [helper.make_tensor_value_info("s_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Concat", ["a", "b"], ["c"], axis=0),
+             helper.make_node("Shape", ["a"], ["a_shape"], **start0),
+             helper.make_node("Squeeze", ["a_shape"], ["a_n"]),
+             helper.make_node("Shape", ["b"], ["s_shape"], **start0),
+             helper.make_node("Squeeze", ["s_shape"], ["s_n"]),
+             helper.make_node("Add", ["a_n", "s_n"], ["n"]),
+             helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["c", "nf"], ["scaled"]),
+             helper.make_node("If", ["cond"], ["h"], then_branch=branch, else_branch=skip)]
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [vi("a", TensorProto.FLOAT, ["past"]), vi("b", TensorProto.FLOAT, ["seq"]),
+                                           vi("cond", TensorProto.BOOL, [])],
+                              [vi(o, TensorProto.FLOAT, ["present"]) for o in ("c", "scaled", "h")], initializer=[flat])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_hoisting_merges_sizes_by_their_dims_and_axis_sums_and_simplifies_branches():
+    """len(c) in the branch is `present` = past + seq: with axis_sums it merges into the main graph's
+    len(a) + len(b), and so do its Cast and the branch's Mul (R1's first gated branch vs layer 0); in the branch the
+    duplicate Reshape merges and Reshape(Reshape(x, [-1]), [-1]) reads x (allowzero=0 is the default: no
+    attribute). Without axis_sums, only the branch work merges."""
+    import onnxruntime as ort
+
+    from exporters.onnx import hoist_branch_invariants
+
+    before, after, plain = _sized_branch_graph(), _sized_branch_graph(), _sized_branch_graph()
+    assert hoist_branch_invariants(after, axis_sums={"present": ("past", "seq")}) == {"hoisted": 3, "merged": 6}
+    assert hoist_branch_invariants(plain) == {"hoisted": 3, "merged": 2}
+    onnx.checker.check_model(after)
+    assert [n.op_type for n in after.graph.node] == ["Concat", "Shape", "Squeeze", "Shape", "Squeeze", "Add", "Cast",
+                                                     "Mul", "If"]
+    run = next(a.g for a in after.graph.node[-1].attribute if a.name == "then_branch")
+    # the branch's c * len(c) is now the main graph's c * (len(a) + len(b)): it reads that value
+    assert [(n.op_type, list(n.input)) for n in run.node] == [("Reshape", ["scaled", "flat"]),
+                                                              ("Add", ["b_r0", "b_r0"])]
+    for past, seq in ((3, 2), (0, 4)):
+        for cond in (True, False):
+            feeds = {"a": np.arange(past, dtype=np.float32), "b": np.arange(seq, dtype=np.float32) + 7,
+                     "cond": np.array(cond)}
+            want = ort.InferenceSession(before.SerializeToString()).run(None, feeds)
+            for model in (after, plain):
+                got = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+                for g, w in zip(got, want):
+                    np.testing.assert_array_equal(g, w)
+
+
+def _gate_only_nodes(graph) -> list:
+    """Main-graph nodes whose values serve only the gates: an If's condition, a branch's Where condition (the row
+    blend) or the `executed` output, directly or through other such nodes."""
+    blend, other = set(), {o.name for o in graph.output if o.name != "executed"}
+    for node in graph.node:
+        for branch in (a.g for a in node.attribute if node.op_type == "If"):
+            local = {o for n in branch.node for o in n.output}
+            for n in branch.node:
+                for k, i in enumerate(n.input):
+                    if i and i not in local:
+                        (blend if n.op_type == "Where" and k == 0 else other).add(i)
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node)
+    gate: set[int] = set()
+    for node in reversed(graph.node):
+        outs = [o for o in node.output if o]
+        used = [o for o in outs if readers.get(o) or o in blend or o == "executed"]
+        if node.op_type != "If" and used and not other & set(outs) and all(
+                id(r) in gate or r.op_type == "If" for o in outs for r in readers.get(o, [])):
+            gate.add(id(node))
+    return [node for node in graph.node if id(node) in gate]
+
+
+def test_exported_r1_gate_costs_nine_main_nodes_and_one_where_per_gated_layer(onnx_r1_tiny):
+    """What selective activation adds per gated layer (bench/README.md, issue 14's If overhead): in the main graph
+    the gate (its RMS norm is the attention norm's), the row mean as one MatMul with [B, 1, S] weights computed
+    once for all layers, the threshold Gather, rows / any-row decisions and the `executed` entry; in the branch one
+    Where reading the [B, 1, 1] row decision directly (no Unsqueeze). A mean as Mul + ReduceSum + Div per layer,
+    or a per-layer blend Unsqueeze, would fail this."""
+    import collections
+
+    cfg = resolve(onnx_r1_tiny).cfg
+    n = len(cfg.gated_layers)
+    model = onnx.load(str(onnx_r1_tiny / "model.onnx"), load_external_data=False)
+    gate = collections.Counter(node.op_type for node in _gate_only_nodes(model.graph))
+    per_layer = {"MatMul": 2, "Add": 1, "Sigmoid": 1, "Gather": 1, "Greater": 2, "ReduceMax": 1, "Unsqueeze": 1}
+    shared = {"Slice": 1, "Cast": 1, "ReduceSum": 1, "Max": 1, "Div": 1, "Unsqueeze": 1, "Concat": 1}
+    assert gate == collections.Counter({op: n * k for op, k in per_layer.items()}) + collections.Counter(shared)
+    for node in model.graph.node:
+        if node.op_type == "If":
+            run = next(a.g for a in node.attribute if a.name == "then_branch")
+            assert run.node[-1].op_type == "Where" and run.node[-2].op_type != "Unsqueeze"
