@@ -86,6 +86,7 @@ class SharedCacheSession(Session):
         self.buffers: dict[str, np.ndarray] = {}
         self.capacity = 0
         self.binding = None
+        self.logits = np.zeros((0, 0, 0), np.float32)  # bound as the logits output (no OrtValue read back per step)
 
     def _reserve(self, total: int) -> None:
         if total <= self.capacity:
@@ -102,7 +103,7 @@ class SharedCacheSession(Session):
         self.capacity = cap
         r = self.runner
         self.binding = r.fused_session.io_binding()
-        self.binding.bind_output("logits", "cpu")  # first: get_outputs()[0]
+        self.logits = np.zeros((0, 0, 0), np.float32)
         for past, present in zip(r.spec.past_names(), r.spec.present_names()):
             value = ort.OrtValue.ortvalue_from_numpy(self.buffers[past])  # the numpy buffer's memory, not a copy
             self.binding.bind_ortvalue_input(past, value)
@@ -119,12 +120,16 @@ class SharedCacheSession(Session):
             self._reserve(total)
             self.binding.bind_cpu_input("input_ids", ids)
             self.binding.bind_cpu_input(MASK, full)
-            self.binding.bind_output("logits", "cpu")  # a new shape each step: ONNX Runtime allocates it
+            if self.logits.shape[:2] != ids.shape:  # the prefill's, then one for every decode step
+                import onnxruntime as ort
+
+                self.logits = np.zeros((*ids.shape, r.cfg.vocab_size), np.float32)
+                self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
             try:
                 r.fused_session.run_with_iobinding(self.binding)
             except Exception as e:
                 raise r.run_error(e) from None
-            logits = self.binding.get_outputs()[0].numpy()
+            last = self.logits[:, -1].copy()  # the next step writes the buffer again
         else:
             cache = {n: np.ascontiguousarray(self.buffers[n][:, :, :self.length]) if self.buffers
                      else np.zeros(shape, np.float32) for n, shape in self.shapes.items()}
@@ -132,10 +137,10 @@ class SharedCacheSession(Session):
             self._reserve(total)
             for past, present in zip(r.spec.past_names(), r.spec.present_names()):
                 self.buffers[past][:, :, :total] = out[present]
-            logits = out["logits"]
+            last = out["logits"][:, -1]
         self.keep_mask(full, total)
         self.length = total
-        return logits[:, -1], None
+        return last, None
 
 
 class OnnxRuntimeRunner(Runner):
