@@ -812,6 +812,8 @@ def summary_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -821,7 +823,7 @@ def plot(result: dict, path: Path) -> None:
     rows = {k: v for k, v in result["variants"].items() if not v["build"].get("refused") and "speed" in v}
     names = list(rows)
     colors = ["C0" if n.startswith("edgekit") else "C1" if "GenAI" in n else "C2" for n in names]
-    labels = [n.replace(" (package file)", "\n(package)").replace(" ", "\n", 1) for n in names]
+    labels = [textwrap.fill(n.replace(" (package file)", " (package)"), 10) for n in names]
     x = np.arange(len(names))
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     width = 0.8 / max(1, len(threads))
