@@ -77,7 +77,7 @@ class SharedCacheSession(Session):
     GenAI's past_present_share_buffer; the graph takes the past's length from the mask). A decode step binds the new
     ids and the mask and reads back only the logits: no copy of the whole cache per token, in the graph or here. A
     step the fused branch cannot take runs the whole model on a copy of the cache and writes its present back. The
-    capacity doubles when a step needs more (one copy)."""
+    capacity doubles when a step needs more (one copy), up to the model's max_seq_len (its rotary tables' rows)."""
 
     def __init__(self, runner: OnnxRuntimeRunner, batch: int, thresholds=None):
         super().__init__(runner, batch, thresholds)
@@ -93,7 +93,7 @@ class SharedCacheSession(Session):
             return
         import onnxruntime as ort
 
-        cap = max(total, 2 * self.capacity, 64)
+        cap = max(total, min(max(2 * self.capacity, 64), self.runner.cfg.max_seq_len))  # the graph's positions
         old, self.buffers = self.buffers, {}
         for name, (b, h, _, d) in self.shapes.items():
             buf = np.zeros((b, h, cap, d), np.float32)
