@@ -16,7 +16,10 @@ must be 1 when sequence_length > 1 and past context is given"; 1.32) and ignores
 the fused graph is one `If` at the top (`wrap_fallback` says which shapes take which branch): every decode step and
 every unpadded prefill run the fused branch, a left-padded prefill or a batched continuation the unfused one. Both
 branches read the same initializers (weights once in the file), and the result is exact either way (validated
-against PyTorch on every shape edgekit's validation cases cover, both branches included).
+against PyTorch on every shape edgekit's validation cases cover, both branches included). The fused branch takes the
+past's length from attention_mask, not from the cache's shape, so the cache may be one longer buffer that the op
+writes in place (model metadata `edgekit.past_length`); `fused_branch` and `takes_fused` let a runner run that
+branch as a model of its own (runtimes/onnxruntime.py: the If costs ~8 % of a decode step).
 
 Graphs this does not recognise (V3/R1's routed and relative-position attention, the gated HF family's `If`s,
 MLA caches) are left as they are; `fuse` says why in its report.
