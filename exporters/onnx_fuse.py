@@ -16,7 +16,10 @@ must be 1 when sequence_length > 1 and past context is given"; 1.32) and ignores
 the fused graph is one `If` at the top (`wrap_fallback` says which shapes take which branch): every decode step and
 every unpadded prefill run the fused branch, a left-padded prefill or a batched continuation the unfused one. Both
 branches read the same initializers (weights once in the file), and the result is exact either way (validated
-against PyTorch on every shape edgekit's validation cases cover, both branches included).
+against PyTorch on every shape edgekit's validation cases cover, both branches included). The fused branch takes the
+past's length from attention_mask, not from the cache's shape, so the cache may be one longer buffer that the op
+writes in place (model metadata `edgekit.past_length`); `fused_branch` and `takes_fused` let a runner run that
+branch as a model of its own (runtimes/onnxruntime.py: the If costs ~8 % of a decode step).
 
 Graphs this does not recognise (V3/R1's routed and relative-position attention, the gated HF family's `If`s,
 MLA caches) are left as they are; `fuse` says why in its report.
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import EdgekitError
+from edgekit.spec import MASK
 
 OPSET_MS = "com.microsoft"
 
@@ -284,9 +288,16 @@ def fuse_attention(model, num_heads: int, max_positions: int = 8192) -> dict:
         helper.make_node("Shape", ["input_ids"], ["gqa_ids_shape"]),
         helper.make_node("Slice", ["gqa_ids_shape", "gqa_i0", "gqa_i1"], ["gqa_batch"]),
         helper.make_node("Slice", ["gqa_ids_shape", "gqa_i1", "gqa_i2"], ["gqa_seq"]),
-        helper.make_node("Shape", [past_keys[0]], ["gqa_past_shape"]),
-        helper.make_node("Slice", ["gqa_past_shape", "gqa_i2", "gqa_i3"], ["gqa_past"]),
-        helper.make_node("Add", ["gqa_past", "gqa_seq"], ["gqa_total64"]),
+    ]
+    shared = any(i.name == MASK for i in g.input)
+    if shared:  # total = the mask's length: the cache may be a longer buffer the op writes in place (see below)
+        sizes += [helper.make_node("Shape", [MASK], ["gqa_mask_shape"]),
+                  helper.make_node("Slice", ["gqa_mask_shape", "gqa_i1", "gqa_i2"], ["gqa_total64"])]
+    else:
+        sizes += [helper.make_node("Shape", [past_keys[0]], ["gqa_past_shape"]),
+                  helper.make_node("Slice", ["gqa_past_shape", "gqa_i2", "gqa_i3"], ["gqa_past"]),
+                  helper.make_node("Add", ["gqa_past", "gqa_seq"], ["gqa_total64"])]
+    sizes += [
         helper.make_node("Cast", ["gqa_total64"], ["gqa_total1"], to=TensorProto.INT32),
         helper.make_node("Squeeze", ["gqa_total1"], ["gqa_total"]),
         helper.make_node("Sub", ["gqa_total1", "gqa_one"], ["gqa_last"]),
@@ -310,13 +321,84 @@ def fuse_attention(model, num_heads: int, max_positions: int = 8192) -> dict:
     del g.node[:]
     g.node.extend(nodes)
     _prune(g)
+    if shared:
+        _past_length_from_mask(g)
+        _merge_size_duplicates(g)
     read = {i for n in g.node for i in n.input}
-    unused = [t for t in g.initializer if t.name.startswith("gqa_") and t.name not in read]
+    unused = [t for t in g.initializer if t.name.startswith(("gqa_", "pl_")) and t.name not in read]
     for t in unused:
         g.initializer.remove(t)
     if not any(o.domain == OPSET_MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(OPSET_MS, 1))
-    return {"layers": len(plan), "rotary_in_op": rotated}
+    return {"layers": len(plan), "rotary_in_op": rotated, "shared_cache": shared}
+
+
+def _merge_size_duplicates(graph) -> None:
+    """Size arithmetic computed twice (Shape(input_ids) by the graph and by the fusion, ...) -> once."""
+    outputs = {o.name for o in graph.output}
+    seen, rename, keep = {}, {}, []
+    for n in graph.node:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+        if n.op_type in ("Shape", "Slice", "Sub", "Add", "Concat", "Squeeze", "Unsqueeze", "Cast") \
+                and not outputs.intersection(n.output):
+            key = (n.op_type, n.domain, tuple(n.input), tuple(a.SerializeToString() for a in n.attribute))
+            if key in seen:
+                rename.update(zip(n.output, seen[key].output))
+                continue
+            seen[key] = n
+        keep.append(n)
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _past_length_from_mask(graph) -> None:
+    """Every Shape(past.*) read left in the fused graph (the graph's own causal mask and positions) -> the same
+    shape with the length len(attention_mask) - len(input_ids). Exact where the cache holds just the past (the mask
+    spans past + new: Runner.infer checks it), and it lets the cache be a fixed buffer longer than the past, which
+    GroupQueryAttention reads and writes in place when past and present are one tensor (ONNX Runtime GenAI's
+    past_present_share_buffer; runtimes/onnxruntime.py binds it so): no copy of the whole cache per token."""
+    from onnx import helper, numpy_helper
+
+    past = {i.name for i in graph.input if i.name.startswith("past.")}
+    reads = [n for n in graph.node if n.op_type == "Shape" and n.input[0] in past]
+    if not reads:
+        return
+    for k in range(5):
+        graph.initializer.append(numpy_helper.from_array(np.asarray([k], np.int64), f"pl_i{k}"))
+    head = [helper.make_node("Shape", [MASK], ["pl_mask_shape"]),
+            helper.make_node("Shape", ["input_ids"], ["pl_ids_shape"]),
+            helper.make_node("Slice", ["pl_mask_shape", "pl_i1", "pl_i2"], ["pl_total"]),
+            helper.make_node("Slice", ["pl_ids_shape", "pl_i1", "pl_i2"], ["pl_seq"]),
+            helper.make_node("Sub", ["pl_total", "pl_seq"], ["pl_past"])]
+    dims = {i.name: tuple(str(d) for d in i.type.tensor_type.shape.dim) for i in graph.input if i.name in past}
+    logical: dict[tuple, str] = {}  # a past input's declared shape -> that shape with the logical length
+    swap = {}
+    rename = {}
+    for n in reads:
+        name = n.input[0]
+        attrs = {a.name: a.i for a in n.attribute}
+        start, end = attrs.get("start", 0), attrs.get("end", 4)
+        start, end = start % 4 if start < 0 else min(start, 4), end % 4 if end < 0 else min(end, 4)
+        if (start, end) == (2, 3):  # the length alone (what dynamo's graphs read)
+            rename[n.output[0]] = "pl_past"
+            swap[id(n)] = None
+            continue
+        if dims[name] not in logical:  # one per kind of cache tensor (one for all of them in a llama)
+            i = len(logical)
+            logical[dims[name]] = f"pl_shape{i}"
+            head += [helper.make_node("Shape", [name], [f"pl_buffer{i}"]),
+                     helper.make_node("Slice", [f"pl_buffer{i}", "pl_i0", "pl_i2"], [f"pl_bh{i}"]),
+                     helper.make_node("Slice", [f"pl_buffer{i}", "pl_i3", "pl_i4"], [f"pl_d{i}"]),
+                     helper.make_node("Concat", [f"pl_bh{i}", "pl_past", f"pl_d{i}"], [f"pl_shape{i}"], axis=0)]
+        swap[id(n)] = helper.make_node("Slice", [logical[dims[name]], f"pl_i{start}", f"pl_i{end}"], list(n.output),
+                                       name=(n.name or "shape") + "_logical")
+    for i, h in enumerate(head):
+        h.name = f"past_length_{i}"
+    nodes = head + [swap.get(id(n), n) for n in graph.node if swap.get(id(n), n) is not None]
+    for n in nodes:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _prune(graph) -> None:
@@ -430,6 +512,54 @@ def wrap_fallback(fused, general):
     return out
 
 
+FALLBACK_NODE = "fused_or_general"  # wrap_fallback's If
+
+
+def takes_fused(batch: int, seq: int, past: int, unpadded: bool) -> bool:
+    """The If's condition (wrap_fallback), for a runner that picks the branch itself: (batch 1 or one new token) on a
+    past, or (batch 1 or one new token or an empty past) with nothing padded."""
+    plain_shape = batch == 1 or seq == 1
+    return (plain_shape and past > 0) or ((plain_shape or past == 0) and unpadded)
+
+
+SHARED_CACHE = "edgekit.past_length"  # model metadata: "attention_mask" where the fused branch reads it there
+
+
+def shared_cache(model) -> bool:
+    """Whether the fused branch takes the past's length from the mask (a cache buffer longer than the past is fine)."""
+    return any(p.key == SHARED_CACHE and p.value == MASK for p in model.metadata_props)
+
+
+def fused_branch(model):
+    """The fused branch of a wrap_fallback model as a model of its own (the outer inputs and outputs, the
+    initializers it reads; external data references kept as they are), or None for any other graph. ONNX Runtime
+    runs it ~8 % faster than through the If (SmolLM2-135M int8 decode, 1-2 threads: bench/README.md), and it is
+    what the fused branch computes, node for node: runtimes/onnxruntime.py runs the calls `takes_fused` admits on
+    it and the rest on the whole model."""
+    import onnx
+
+    ifs = [n for n in model.graph.node if n.op_type == "If" and n.name == FALLBACK_NODE]
+    if len(ifs) != 1:
+        return None
+    then = next(a.g for a in ifs[0].attribute if a.name == "then_branch")
+    rename = {b.name: o for b, o in zip(then.output, ifs[0].output)}
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    g = out.graph
+    g.name = "decoder_fused"
+    for n in then.node:
+        c = g.node.add()
+        c.CopyFrom(n)
+        c.input[:] = [rename.get(i, i) for i in c.input]
+        c.output[:] = [rename.get(o, o) for o in c.output]
+    read = {i for n in g.node for i in n.input}
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.initializer.extend(t for t in model.graph.initializer if t.name in read)
+    return out
+
+
 def fuse(model, num_heads: int, max_positions: int = 8192, base_dir: Path | None = None) -> tuple[object, dict]:
     """(model with fused ops, report). The report says what was fused, or why nothing was. base_dir: `model` was
     loaded without its external data, which lives there: the norm fusion (onnxruntime.transformers' optimizer,
@@ -465,11 +595,13 @@ def fuse(model, num_heads: int, max_positions: int = 8192, base_dir: Path | None
     fused = copy(general)
     layers = fuse_attention(fused, num_heads, max_positions)
     out = wrap_fallback(fused, general)
+    if layers["shared_cache"]:
+        out.metadata_props.add(key=SHARED_CACHE, value=MASK)
     ops: dict[str, int] = {}
     for n in fused.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return out, {"fused": True, "GroupQueryAttention": layers["layers"], "rotary_in_op": layers["rotary_in_op"],
-                 "qkv_packed": packed,
+                 "qkv_packed": packed, "shared_cache": layers["shared_cache"],
                  "norms": norms, "SkipSimplifiedLayerNormalization": ops.get("SkipSimplifiedLayerNormalization", 0),
                  "SimplifiedLayerNormalization": ops.get("SimplifiedLayerNormalization", 0),
                  "nodes": before, "nodes_fused_branch": len(fused.graph.node),

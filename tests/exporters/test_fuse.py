@@ -123,3 +123,126 @@ def test_a_graph_without_the_pattern_is_left_as_it_is():
     out, report = fuse(model, num_heads=4)
     assert out is model and report == {"fused": False, "why": "no past.N.key inputs", "nodes": 1}
     onnx.checker.check_model(out)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("seq", [1, 4])
+@pytest.mark.parametrize("past", [0, 5])
+@pytest.mark.parametrize("padded", [False, True])
+def test_takes_fused_is_the_graphs_own_branch_condition(llama, batch, seq, past, padded):
+    """The runner picks the branch with `takes_fused`; the If decides with its condition nodes. Both agree."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from exporters.onnx_fuse import takes_fused
+
+    _, fused, _ = llama
+    model = onnx.load(str(fused / "model.onnx"), load_external_data=False)
+    g = model.graph
+    cond = [n for n in g.node if n.name.startswith("fallback_cond_")]
+    read = {i for n in cond for i in n.input}
+    ins = [i for i in g.input if i.name in read]
+    out = helper.make_tensor_value_info("fb_cond", onnx.TensorProto.BOOL, [])
+    m = helper.make_model(helper.make_graph(cond, "cond", ins, [out], [t for t in g.initializer if t.name in read]),
+                          opset_imports=model.opset_import)
+    mask = np.ones((batch, past + seq), np.int64)
+    if padded:
+        mask[-1, 0] = 0
+    feeds = {"input_ids": np.zeros((batch, seq), np.int64), "attention_mask": mask,
+             **{i.name: np.zeros((batch, 2, past, 16), np.float32) for i in ins if i.name.startswith("past.")}}
+    got = bool(ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0])
+    assert got == takes_fused(batch, seq, past, not padded)
+
+
+def test_the_runner_runs_the_fused_branch_as_its_own_session(llama):
+    """Decode and unpadded prefills run the fused branch as a session of its own, bit for bit what the whole
+    model computes through its If; the whole model is loaded only when a call needs the general branch."""
+    import onnxruntime as ort
+
+    from runtimes import open_runner
+
+    _, fused, _ = llama
+    whole = ort.InferenceSession(str(fused / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in whole.get_outputs()]
+    with open_runner(fused) as r:
+        d = r.describe()
+        assert d["fused_session"] and d["shared_cache"] and "model" not in r.sessions
+        for batch, seq, past, pads in [(1, 9, 0, None), (1, 1, 11, None), (3, 1, 11, (0, 4, 9)), (2, 6, 0, None),
+                                       (1, 4, 7, None)]:
+            feeds = r.spec.dummy(batch, seq, past, seed=seq + past, pads=pads)
+            got = r.infer(feeds)
+            want = dict(zip(names, whole.run(names, feeds)))
+            for name in names:
+                assert np.array_equal(got[name], want[name]), (batch, seq, past, name)
+        assert "model" not in r.sessions  # no call needed the general branch yet
+        r.infer(r.spec.dummy(3, 6, 0, pads=(0, 2, 5)))  # a left-padded prefill: the whole model, loaded now
+        assert "model" in r.sessions
+
+
+def _steps(runner, batch, prompt_pads, n_decode, chunk=None):
+    """Logits of a prefill (left-padded by prompt_pads, optional) then n_decode greedy steps, batch rows."""
+    sess = runner.session(batch)
+    rng = np.random.default_rng(batch)
+    ids = rng.integers(2, 256, (batch, 7))
+    mask = None if prompt_pads is None else (np.arange(7)[None] >= np.asarray(prompt_pads)[:, None]).astype(np.int64)
+    logits, _ = sess.step(ids, mask)
+    rows = [logits]
+    if chunk:  # a batch-1 continuation of several tokens on the cache
+        logits, _ = sess.step(rng.integers(2, 256, (batch, chunk)))
+        rows.append(logits)
+    for _ in range(n_decode):
+        logits, _ = sess.step(logits.argmax(-1)[:, None])
+        rows.append(logits)
+    return rows, sess
+
+
+@pytest.mark.parametrize("batch,pads,chunk", [(1, None, 5), (3, (0, 2, 5), None), (2, None, None)])
+def test_the_shared_cache_equals_the_copying_cache_exactly(llama, batch, pads, chunk):
+    """SharedCacheSession (one cache buffer that GroupQueryAttention writes in place, bound as past and present)
+    gives exactly the logits of the session that feeds the cache as arrays and gets a new, longer one per step:
+    a left-padded prefill (the general branch, its cache copied into the buffer), a continuation, and 70 decode
+    steps, past the first capacity of 64 positions (the buffer grows once, copying what it holds)."""
+    from runtimes import open_runner
+    from runtimes.onnxruntime import SharedCacheSession
+
+    _, fused, _ = llama
+    with open_runner(fused) as shared, open_runner(fused, shared_cache=False) as copying:
+        assert shared.describe()["shared_cache"] and not copying.describe()["shared_cache"]
+        got, sess = _steps(shared, batch, pads, 70, chunk)
+        want, plain = _steps(copying, batch, pads, 70, chunk)
+        assert isinstance(sess, SharedCacheSession) and not isinstance(plain, SharedCacheSession)
+        assert sess.capacity == 128 and sess.length == plain.length == 7 + (chunk or 0) + 70
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert np.array_equal(a, b), i
+        # the buffer holds what the copying session's cache holds, and nothing after it
+        for name, value in plain.cache.items():
+            assert np.array_equal(sess.buffers[name][:, :, :sess.length], value)
+            assert not sess.buffers[name][:, :, sess.length:].any()
+
+
+def test_a_graph_fused_before_the_shared_cache_still_runs_its_fused_branch(llama, tmp_path):
+    """An artifact whose fused branch reads the past's length from the cache (exported before the shared cache):
+    its own session for the fused branch, the cache copied per step as before, the same tokens."""
+    import shutil
+
+    import onnx
+
+    from runtimes import open_runner
+
+    _, fused, _ = llama
+    old = tmp_path / "old"
+    shutil.copytree(fused, old)
+    model = onnx.load(str(old / "model.onnx"), load_external_data=False)
+    del model.metadata_props[:]
+    onnx.save(model, str(old / "model.onnx"))
+    from edgekit.artifact import sha256_file
+
+    manifest = json.loads((old / "manifest.json").read_text())  # re-listed, as an older export wrote it
+    manifest["files"]["model.onnx"].update(size=(old / "model.onnx").stat().st_size,
+                                           sha256=sha256_file(old / "model.onnx"))
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    prompt = [0, 5, 9, 17, 42, 3, 8]
+    with open_runner(old) as a, open_runner(fused) as b:
+        assert a.describe()["fused_session"] and not a.describe()["shared_cache"] and b.describe()["shared_cache"]
+        assert a.generate(prompt, 12).tokens == b.generate(prompt, 12).tokens
