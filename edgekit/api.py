@@ -160,9 +160,10 @@ def export(target: str | Path, fmt: str, out: str | Path, int8: bool = False, fo
     shapes and skip patterns); with int8, block int8 (exporters/onnx_int8.py) inside the If branches, a
     logit-cosine floor (min_cosine, default 0.99) on fidelity_data (a text file) or Resolved.fidelity_text's
     default, and where that is real text, a perplexity gate: the int8 graph's perplexity at most
-    max_ppl_increase (default 0.02) above the fp32 graph's (validate.perplexity_gate: sequential, 2-8 windows). tensorrt: delegated to exporters.tensorrt (TensorRT-ready
-    ONNX + build recipe; min_cosine defaults to the precision's own floor there). fuse: a Hugging Face llama /
-    qwen2 graph gets ONNX Runtime's fused attention and norms (exporters/onnx_fuse.py) before validation.
+    max_ppl_increase (default 0.02) above the fp32 graph's (validate.perplexity_gate: sequential, 2-8 windows).
+    tensorrt: delegated to exporters.tensorrt (TensorRT-ready ONNX + build recipe; min_cosine defaults to the
+    precision's own floor there). fuse: a Hugging Face llama / qwen2 graph gets ONNX Runtime's fused attention and
+    norms (exporters/onnx_fuse.py) before validation.
     """
     from edgekit.artifact import check_target
     from edgekit.errors import unknown_name

@@ -418,8 +418,10 @@ def fuse_norms(model):
     fusion passes run directly, not through optimize_model, whose other passes (and their symbolic shape
     inferences) match nothing here: the same graph, node for node and in the same order, in 1.3 s instead of 3.8
     (SmolLM2-135M's 30 layers)."""
-    from onnxruntime.transformers.fusion_simplified_layernorm import (FusionSimplifiedLayerNormalization,
-                                                                      FusionSkipSimplifiedLayerNormalization)
+    from onnxruntime.transformers.fusion_simplified_layernorm import (
+        FusionSimplifiedLayerNormalization,
+        FusionSkipSimplifiedLayerNormalization,
+    )
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     from edgekit.quiet import captured

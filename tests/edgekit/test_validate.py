@@ -133,7 +133,8 @@ def test_the_perplexity_gate_stops_once_its_estimate_is_clear_of_the_limit():
     assert r["increase"] == pytest.approx(_increase(lossless.delta[np.arange(512) % 40]), rel=1e-4)
     # +10 %: refused as soon as it is clear, without scoring the rest
     lossy = _Offset(np.full(40, 0.1))
-    with pytest.raises(EdgekitError, match=rf"perplexity 55.153 vs 50.000 \(\+{100 * _increase(lossy.delta):.2f} % > 2 %\)"):
+    want = rf"perplexity 55.153 vs 50.000 \(\+{100 * _increase(lossy.delta):.2f} % > 2 %\)"
+    with pytest.raises(EdgekitError, match=want):
         validate.perplexity_gate(_Offset(np.zeros(40)), lossy, spec, list(range(40)) * 52, 0.02)
     assert lossy.calls == validate.GATE_MIN_WINDOWS
     # near the limit with noisy tokens: never clear, every window scored and judged on the estimate

@@ -4,9 +4,8 @@ presets, and the CLI path (random weights, interrupted export)."""
 
 from __future__ import annotations
 
-import json
-
 import dataclasses
+import json
 import re
 
 import numpy as np
