@@ -65,7 +65,7 @@ ROOTFS = Path(os.environ.get("EDGEKIT_ARM64_ROOTFS", "/work/arm64/rootfs"))
 SITE = "opt/edgekit-site"  # inside the rootfs: numpy + onnxruntime (aarch64 wheels)
 PROMPT, DECODE, PAD = 64, 4, 8  # prefill tokens, decode steps, left padding of the batch's 2nd row
 SETUP = "scripts/arm64_rootfs.sh"
-# AT_HWCAP / AT_HWCAP2 bits (linux arch/arm64 uapi hwcap.h) that decide ORT's int8 kernels
+# AT_HWCAP / AT_HWCAP2 bits (linux arch/arm64 uapi hwcap.h) of the features ARM64 kernels are chosen by
 HWCAP = {"asimddp": (16, 20), "sve": (16, 22), "asimdhp": (16, 10), "sve2": (26, 1), "i8mm": (26, 13),
          "bf16": (26, 14), "sme": (26, 23)}
 
