@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
+ARM64_ROOTFS = os.environ.get("EDGEKIT_ARM64_ROOTFS", "/work/arm64/rootfs")  # bench/arm64_check.py's default too
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ REGISTRY: tuple[Bench, ...] = (
           note="the 7B Hugging Face shape: ~15 min, 14 GiB RSS"),
     Bench("gpu_check", "gpu_check.py", needs=("/dev/nvidiactl",), note="an NVIDIA GPU and onnxruntime-gpu",
           quick_args=("--parts", "machine,ceilings")),
+    Bench("arm64_check", "arm64_check.py", opt_in="--only arm64_check", needs=(f"{ARM64_ROOTFS}/usr/bin/python3.11",),
+          note="ONNX Runtime's aarch64 build under qemu-user, ~10 min: make the arm64 rootfs with "
+               "scripts/arm64_rootfs.sh (or point $EDGEKIT_ARM64_ROOTFS at one)"),
 )
 
 
