@@ -267,13 +267,15 @@ def _export_onnx(res, model, tmp: Path, int8: bool, min_cosine: float, tolerance
     # one PyTorch reference and one fp32 session for the fp32 check, the int8 check and the perplexity gate. The
     # reference runs single-threaded: its calls are <= 27 tokens, where a second thread gains little and, on a
     # shared 2-core machine, OpenMP's spinning made them 13x slower (SmolLM2, load 5: 7.6 s vs 0.58 s a call); the
-    # sessions' idle threads sleep rather than spin (a 256-token perplexity window: 0.92 s vs 1.16 s at load 6)
+    # sessions' idle threads sleep rather than spin (a 256-token perplexity window: 0.92 s vs 1.16 s at load 6) and
+    # load the file as stored, one session through the fused graph's If (not the runner's fused-branch session too)
     threads = torch.get_num_threads()
     stack = contextlib.ExitStack()
     stack.callback(torch.set_num_threads, threads)
     reference = stack.enter_context(TorchRunner(Resolved(res.kind, res.name, res.cfg, res.path, model=model),
                                                 threads=1))
-    fp32_runner = stack.enter_context(OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, fp32_dir), spin=False))
+    fp32_runner = stack.enter_context(OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, fp32_dir), spin=False,
+                                                        fused_session=False))
     with stack:
         return _validate_onnx(res, model, reference, fp32_runner, spec, tmp, fp32_dir, int8, min_cosine, tolerance,
                               progress, text, max_ppl_increase, fidelity_data, fusion, stack)
@@ -314,7 +316,8 @@ def _validate_onnx(res, model, reference, fp32_runner, spec, tmp: Path, fp32_dir
         with progress("quantizing to int8 (block int8 weights, int8 activations; If branches included)") as advance:
             quantization = quantize_int8(fp32_dir / onnx_exporter.MODEL_FILE, tmp / onnx_exporter.MODEL_FILE)
             advance(1)
-        with OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, tmp), spin=False) as int8_runner:
+        with OnnxRuntimeRunner(Resolved("onnx", res.name, res.cfg, tmp), spin=False,
+                               fused_session=False) as int8_runner:
             with progress("checking int8 fidelity", n_cases) as advance:
                 report = validate.validate(reference, int8_runner, spec, tolerance=None, min_cosine=min_cosine,
                                            advance=advance, text=text[0], text_source=text[1])

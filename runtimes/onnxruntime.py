@@ -3,8 +3,9 @@
 Options: provider ("cpu" | "cuda" | "tensorrt"), threads (intra-op), spin (False: idle intra-op threads sleep
 instead of spinning; export's validation sessions, on shared machines), iobinding (keep the KV cache in
 OrtValues on the provider's device between steps; on by default for cuda/tensorrt), shared_cache (CPU, a
-fused graph: False turns off SharedCacheSession below). A GPU provider is
-listed with the CPU provider as fallback, as ONNX Runtime recommends; `describe()` reports what the
+fused graph: False turns off SharedCacheSession below), fused_session (False: a fused graph runs as one session on
+the whole model, through its If: export's validation sessions, which judge the file as stored and load once). A
+GPU provider is listed with the CPU provider as fallback, as ONNX Runtime recommends; `describe()` reports what the
 session actually got.
 
 A fused graph (exporters/onnx_fuse.py: If(shapes GroupQueryAttention computes) then fused else general) runs on the
@@ -165,7 +166,8 @@ class OnnxRuntimeRunner(Runner):
         self.sessions: dict[str, object] = {}
         self.notes = []
         self.fused_session, self.shared_cache = None, False
-        if provider == "cpu" and not self.options.get("iobinding"):
+        split = self.options.get("fused_session") is not False
+        if provider == "cpu" and not self.options.get("iobinding") and split:
             self.fused_session = self._fused()
         if self.fused_session is None:
             self._check_io(self.ort_session)

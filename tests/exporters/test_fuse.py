@@ -178,6 +178,12 @@ def test_the_runner_runs_the_fused_branch_as_its_own_session(llama):
         assert "model" not in r.sessions  # no call needed the general branch yet
         r.infer(r.spec.dummy(3, 6, 0, pads=(0, 2, 5)))  # a left-padded prefill: the whole model, loaded now
         assert "model" in r.sessions
+    # fused_session=False (export's validation): one session on the file as stored, through its If
+    with open_runner(fused, fused_session=False) as r:
+        assert not r.describe()["fused_session"] and list(r.sessions) == ["model"] and r.fused_session is None
+        feeds = r.spec.dummy(1, 1, 11, seed=12)
+        got, want = r.infer(feeds), dict(zip(names, whole.run(names, feeds)))
+        assert all(np.array_equal(got[n], want[n]) for n in names) and list(r.sessions) == ["model"]
 
 
 def _steps(runner, batch, prompt_pads, n_decode, chunk=None):
