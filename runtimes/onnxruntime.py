@@ -8,12 +8,12 @@ the whole model, through its If: export's validation sessions, which judge the f
 GPU provider is listed with the CPU provider as fallback, as ONNX Runtime recommends; `describe()` reports what the
 session actually got.
 
-A fused graph (exporters/onnx_fuse.py: If(shapes GroupQueryAttention computes) then fused else general) runs on the
-CPU as two sessions: its fused branch as a model of its own (`fused_branch`, loaded at activation: ONNX Runtime runs
-it ~8 % faster than through the If) for every call the If would send there (`takes_fused`: decode steps, unpadded
-prefills), and the whole model, loaded on the first call that needs the general branch (a left-padded prefill, a
-batched continuation; a second copy of the weights in memory from then on). Without the `onnx` package (a device
-install) or on a GPU provider it is one session on the whole model, as before.
+A fused graph (exporters/onnx_fuse.py, exporters/onnx_fused_if.py: If(shapes GroupQueryAttention computes) then fused
+else general) runs on the CPU as two sessions: its fused branch as a model of its own (`fused_branch`, loaded at
+activation: ONNX Runtime runs it ~8 % faster than through the If) for every call the If would send there
+(`takes_fused`: decode steps, unpadded prefills), and the whole model, loaded on the first call that needs the
+general branch (a left-padded prefill, a batched continuation; a second copy of the weights in memory from then on).
+Without the `onnx` package (a device install) or on a GPU provider it is one session on the whole model, as before.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class SharedCacheSession(Session):
             self.binding.bind_ortvalue_output(present, value)
 
     def step(self, ids, mask=None) -> tuple[np.ndarray, np.ndarray | None]:
-        from exporters.onnx_fuse import takes_fused
+        from exporters.onnx_fused_if import takes_fused
 
         ids = self.check(ids)
         full = self.extend_mask(ids, mask)
@@ -213,7 +213,7 @@ class OnnxRuntimeRunner(Runner):
         try:
             import onnx
 
-            from exporters.onnx_fuse import fused_branch, shared_cache
+            from exporters.onnx_fused_if import fused_branch, shared_cache
         except ImportError:  # a device install: the whole model, through its If
             return None
         try:
@@ -284,7 +284,7 @@ class OnnxRuntimeRunner(Runner):
 
     def _pick(self, feeds):
         """The fused branch's session for the calls the If would send there, else the whole model."""
-        from exporters.onnx_fuse import takes_fused
+        from exporters.onnx_fused_if import takes_fused
 
         b, s = feeds["input_ids"].shape
         past = feeds[self.spec.past_names()[0]].shape[2]

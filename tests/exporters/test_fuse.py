@@ -135,7 +135,7 @@ def test_takes_fused_is_the_graphs_own_branch_condition(llama, batch, seq, past,
     import onnxruntime as ort
     from onnx import helper
 
-    from exporters.onnx_fuse import takes_fused
+    from exporters.onnx_fused_if import takes_fused
 
     _, fused, _ = llama
     model = onnx.load(str(fused / "model.onnx"), load_external_data=False)
